@@ -1,0 +1,1 @@
+"""Scoring models on lm-eval tasks."""
