@@ -1,0 +1,175 @@
+"""Write a candidate as a vanilla Hugging Face checkpoint with ``E'`` experts per layer (no custom code to load)."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import eep
+from eep.arch import MoEAdapter, MoELayer, adapter_for
+from eep.genome import Genome, GenomeError
+from eep.materialize import Materializer, merge_experts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    """Where the checkpoint went and how faithful it is to the in-place candidate."""
+
+    folder: str
+    genome_hash: str
+    exact: bool                       # True for pruning genomes: the checkpoint is the candidate
+    num_experts: int
+    top_k: int
+    router_top_k_overlap: float | None = None   # merging: share of the candidate's top-k' choices the refit gate keeps
+    notes: list[str] = field(default_factory=list)
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def exported_state_dict(materializer: Materializer, genome: Genome,
+                        routers: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every MoE layer cut to ``E'`` experts.
+
+    Pruning layers: router rows, per-expert router buffers and both fused expert tensors sliced to the kept experts.
+    Merging layers: ``W_EM @ W`` from the original experts, router rows from ``routers[layer]`` (a refit gate).
+    """
+    adapter = materializer.adapter
+    names = _param_names(materializer.model)
+    state = dict(materializer.model.state_dict())
+    for layer in adapter.layers:
+        router, experts = names[id(layer.router)], names[id(layer.experts)]
+        gate_up, down = materializer.original_experts(layer)
+        kept = genome.kept(layer.index)
+        if kept is not None:
+            idx = torch.tensor(kept, device=gate_up.device)
+            state[f"{router}.weight"] = layer.router.weight.data[idx.to(layer.router.weight.device)].clone()
+            for buf in adapter.router_buffers:
+                state[f"{router}.{buf}"] = getattr(layer.router, buf)[idx.to(layer.router.weight.device)].clone()
+            state[f"{experts}.gate_up_proj"] = gate_up[idx].clone()
+            state[f"{experts}.down_proj"] = down[idx].clone()
+        else:
+            _, merge = genome.layer(layer.index)
+            state[f"{router}.weight"] = routers[layer.index].to(layer.router.weight)
+            state[f"{experts}.gate_up_proj"] = merge_experts(merge, gate_up)
+            state[f"{experts}.down_proj"] = merge_experts(merge, down)
+    return state
+
+
+@torch.no_grad()
+def refit_routers(materializer: Materializer, genome: Genome, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> tuple[dict[int, torch.Tensor], float]:
+    """Least-squares gates ``W'[E', H]`` with ``softmax(W' x) ~ p' = W_RM p`` on calibration tokens.
+
+    Fits ``W' x ~ log p' - mean_j log p'`` (softmax ignores a per-token shift) for every merging layer and returns
+    the gates and the mean share of the candidate's top-k' choices that the refit gate reproduces.
+    """
+    adapter = materializer.adapter
+    captured: dict[int, list[torch.Tensor]] = {}
+    handles = []
+    for layer in adapter.layers:
+        if genome.kept(layer.index) is None:
+            def hook(module, args, output, i=layer.index):
+                captured.setdefault(i, []).append((args[0].reshape(-1, args[0].shape[-1]), output[0], output[2]))
+            handles.append(layer.router.register_forward_hook(hook))
+    materializer.apply(genome)
+    try:
+        materializer.model(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    keep = attention_mask.reshape(-1).bool() if attention_mask is not None else slice(None)
+    routers, overlaps = {}, []
+    for i, parts in captured.items():
+        hidden = torch.cat([p[0] for p in parts])[keep].float()
+        log_p = torch.cat([p[1] for p in parts])[keep].float()
+        chosen = torch.cat([p[2] for p in parts])[keep]
+        target = log_p - log_p.mean(dim=1, keepdim=True)
+        weight = torch.linalg.lstsq(hidden, target).solution.T          # [E', H]
+        refit = (hidden @ weight.T).topk(genome.top_k, dim=-1).indices
+        overlaps.append(_overlap(refit, chosen))
+        routers[i] = weight
+    return routers, float(sum(overlaps) / max(1, len(overlaps))) if overlaps else 1.0
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean share of ``b``'s chosen indices per token that ``a`` also chooses (both ``long[T, k]``)."""
+    hits = (a.unsqueeze(-1) == b.unsqueeze(-2)).any(-1).float()
+    return hits.mean().item()
+
+
+def export(model: nn.Module, genome: Genome, folder: str | Path, tokenizer=None, *,
+           materializer: Materializer | None = None, calibration: dict | None = None,
+           provenance: dict | None = None) -> ExportResult:
+    """Write ``genome`` applied to ``model`` as a vanilla checkpoint in ``folder``; return how exact it is.
+
+    Pruning genomes export exactly (sliced router rows and experts, ``config`` count and ``num_experts_per_tok``
+    updated). A merging genome's continuous ``W_RM`` is no linear gate: its gates are refit by least squares on
+    ``calibration`` (``{"input_ids", "attention_mask"}``, required then) and the top-k' agreement is reported.
+    ``provenance`` (base model, method, scores, ...) goes into the model card and ``eep_export.json``.
+    """
+    materializer = materializer or Materializer(model)
+    adapter = materializer.adapter
+    adapter.validate(genome)
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f"export folder {folder} is not empty: choose a new folder")
+    result = ExportResult(str(folder), genome.content_hash(), genome.is_pruning, genome.num_kept, genome.top_k)
+    routers = None
+    if not genome.is_pruning:
+        if calibration is None:
+            raise GenomeError("exporting a merging genome needs calibration tokens to refit its gates: pass "
+                              "calibration={'input_ids': ..., 'attention_mask': ...}")
+        previous = materializer.genome
+        routers, result.router_top_k_overlap = refit_routers(materializer, genome, **calibration)
+        materializer.restore() if previous is None else materializer.apply(previous)
+        result.notes.append("merging genome: gates refit by least squares (not exact); "
+                            f"top-{genome.top_k} overlap with the in-place candidate {result.router_top_k_overlap:.3f}")
+    state = exported_state_dict(materializer, genome, routers)
+    _save(model, adapter, genome, state, folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    _write_card(folder, model, genome, result, provenance or {})
+    return result
+
+
+def _save(model: nn.Module, adapter: MoEAdapter, genome: Genome, state: dict, folder: Path) -> None:
+    config = copy.deepcopy(model.config)
+    adapter.export_config(config, genome.num_kept, genome.top_k)
+    with torch.device("meta"):
+        out = type(model)(config)
+    out.load_state_dict(state, assign=True, strict=True)
+    out.generation_config = copy.deepcopy(model.generation_config)
+    out.save_pretrained(folder)
+
+
+def _write_card(folder: Path, model: nn.Module, genome: Genome, result: ExportResult, provenance: dict) -> None:
+    base = provenance.get("base_model") or getattr(model.config, "_name_or_path", "") or "unknown"
+    record = {"eep_version": eep.__version__, "base_model": str(base), "genome": genome.to_dict(),
+              **asdict(result), **{k: v for k, v in provenance.items() if k != "base_model"}}
+    (folder / "eep_export.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    lines = [f"# {Path(str(base)).name} with {genome.num_kept} of {genome.num_experts} experts per MoE layer", "",
+             f"Exported by eep {eep.__version__}. Loads with plain `AutoModelForCausalLM.from_pretrained` "
+             f"(no remote code).", "",
+             f"- base model: `{base}`", f"- genome hash: `{result.genome_hash}` ({'pruning' if genome.is_pruning else 'merging'})",
+             f"- method: {provenance.get('method', 'unspecified')}",
+             f"- experts per layer: {genome.num_experts} -> {genome.num_kept}; active per token: {genome.top_k}",
+             f"- exact: {result.exact}" + (f" (router top-k overlap {result.router_top_k_overlap:.3f})"
+                                          if result.router_top_k_overlap is not None else "")]
+    for key, value in (provenance.get("scores") or {}).items():
+        lines.append(f"- score {key}: {value}")
+    lines += [f"- note: {n}" for n in result.notes]
+    if genome.is_pruning:
+        lines += ["", "Kept experts per MoE layer:", ""]
+        lines += [f"- layer {i}: {genome.kept(i)}" for i in range(genome.num_layers)]
+    (folder / "README.md").write_text("\n".join(lines) + "\n")
+
+

@@ -1,0 +1,137 @@
+"""Turn a genome into the live model, in place, and back: ``apply(genome)`` / ``restore()``.
+
+One routing rule for every genome (METHODS.md section 1): experts that no row of ``W_RM`` uses are masked out of
+routing, ``p' = W_RM p`` over the rest, then the family's own top-k' and renormalisation. Two ways to compute it:
+
+- a *pruning* layer (one-hot rows, ``W_RM = W_EM``, kept experts ``K``) runs the family's own router on the kept
+  rows of the gate, ``z' = W_G[K] x``, and maps the chosen positions back to the experts' original slots ``K``: the
+  physically pruned model's router, and no expert weight is copied;
+- a *merging* layer writes ``W_EM @ W`` (for ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``) into slots
+  ``0..E'-1`` of the fused expert tensors (originals kept in a bank: at most one copy of the expert tensors, on
+  ``bank_device``) and routes with ``p' = W_RM softmax(mask(z))``.
+
+``restore()`` undoes both bit-exactly. Consecutive merging candidates re-merge only the layers whose ``W_EM``
+changed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from eep.arch import MoEAdapter, MoELayer, adapter_for
+from eep.genome import Genome
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Route:
+    """What a patched router needs: kept rows (pruning) or the mapping (merging), and the slots of the new experts."""
+
+    top_k: int
+    slots: torch.Tensor                      # long[E']: expert slot of new expert j
+    weight: torch.Tensor | None = None       # pruning: router rows of the kept experts [E', H]
+    buffers: dict = field(default_factory=dict)
+    router_map: torch.Tensor | None = None   # merging: W_RM [E', E]
+    used: torch.Tensor | None = None         # merging: bool[E], experts some row of W_RM uses
+
+
+def _patched_forward(adapter: MoEAdapter, router: nn.Module, route: _Route):
+    """A replacement for ``router.forward`` returning ``(logits, weights [T, k'], slots [T, k'])`` as the original."""
+
+    def forward(hidden_states: torch.Tensor):
+        if route.router_map is None:
+            logits = adapter.logits(router, hidden_states, route.weight)
+            weights, idx = adapter.route(router, logits, route.top_k, route.buffers)
+        else:
+            full = adapter.logits(router, hidden_states, router.weight)
+            logits, weights, idx = adapter.route_mapped(router, full, route.router_map, route.used, route.top_k)
+        return logits, weights, route.slots[idx]
+
+    return forward
+
+
+class Materializer:
+    """Patches one loaded model in place so that its forward computes a genome's candidate."""
+
+    def __init__(self, model: nn.Module, adapter: MoEAdapter | None = None, bank_device: str | None = None):
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.bank_device = bank_device
+        self.bank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer -> original (gate_up, down)
+        self.merged: dict[int, torch.Tensor] = {}                      # layer -> W_EM written into its slots
+        self.genome: Genome | None = None
+        self.remerged_layers = 0                                       # layers re-merged by the last apply
+
+    @property
+    def layers(self) -> list[MoELayer]:
+        return self.adapter.layers
+
+    @torch.no_grad()
+    def apply(self, genome: Genome) -> None:
+        """Make the model compute ``genome`` (validated against the model and its architecture first)."""
+        self.adapter.validate(genome)
+        self.remerged_layers = 0
+        for layer in self.layers:
+            router_map, merge = genome.layer(layer.index)
+            kept = genome.kept(layer.index)
+            device = layer.router.weight.device
+            if kept is not None:
+                self._unmerge(layer)
+                idx = torch.tensor(kept, device=device)
+                buffers = {b: getattr(layer.router, b)[idx] for b in self.adapter.router_buffers}
+                route = _Route(genome.top_k, idx, weight=layer.router.weight[idx], buffers=buffers)
+            else:
+                self._merge(layer, merge)
+                route = _Route(genome.top_k, torch.arange(genome.num_kept, device=device),
+                               router_map=router_map.to(device), used=genome.used_experts(layer.index).to(device))
+            layer.router.forward = _patched_forward(self.adapter, layer.router, route)
+        self.genome = genome
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Return the model bit-exactly to its original weights and routing."""
+        for layer in self.layers:
+            self._unmerge(layer)
+            layer.router.__dict__.pop("forward", None)
+        self.genome = None
+
+    # ------------------------------------------------------------------ expert slots
+    def original_experts(self, layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` of a layer (the bank if it is merged)."""
+        if layer.index in self.merged:
+            return self.bank[layer.index]
+        return layer.experts.gate_up_proj.data, layer.experts.down_proj.data
+
+    def _banked(self, layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer.index not in self.bank:
+            device = self.bank_device or layer.experts.gate_up_proj.device
+            self.bank[layer.index] = tuple(p.data.to(device, copy=True)
+                                           for p in (layer.experts.gate_up_proj, layer.experts.down_proj))
+        return self.bank[layer.index]
+
+    def _merge(self, layer: MoELayer, merge: torch.Tensor) -> None:
+        current = self.merged.get(layer.index)
+        if current is not None and torch.equal(current, merge):
+            return
+        originals = self._banked(layer)
+        for param, original in zip((layer.experts.gate_up_proj, layer.experts.down_proj), originals):
+            param.data[: merge.shape[0]].copy_(merge_experts(merge, original))
+        self.merged[layer.index] = merge.clone()
+        self.remerged_layers += 1
+
+    def _unmerge(self, layer: MoELayer) -> None:
+        merge = self.merged.pop(layer.index, None)
+        if merge is None:
+            return
+        for param, original in zip((layer.experts.gate_up_proj, layer.experts.down_proj), self.bank[layer.index]):
+            param.data[: merge.shape[0]].copy_(original[: merge.shape[0]])
+
+
+def merge_experts(merge: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``W_EM @ W``: ``merge: float[E', E]``, ``weights: [E, A, B]`` -> ``[E', A, B]`` (computed in float32)."""
+    out = torch.einsum("ji,iab->jab", merge.to(weights.device, torch.float32), weights.float())
+    return out.to(weights.dtype)
