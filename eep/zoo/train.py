@@ -174,7 +174,7 @@ def save(model, tok, out: Path, log: dict) -> None:
     """Write safetensors weights, tokenizer, generation config (stops at newline) and the training log."""
     out.mkdir(parents=True, exist_ok=True)
     newline = tok.convert_tokens_to_ids("\n")
-    model.generation_config = GenerationConfig(do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id,
+    model.generation_config = GenerationConfig(do_sample=False, max_length=64, pad_token_id=tok.pad_token_id,
                                                eos_token_id=[tok.eos_token_id, newline])
     model.save_pretrained(out)
     tok.save_pretrained(out)

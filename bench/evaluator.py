@@ -1,0 +1,130 @@
+"""Per-candidate scoring time: eep's Evaluator vs a bare-forward floor vs ``simple_evaluate`` per candidate.
+
+    python bench/evaluator.py [--model skills-mixtral] [--limit 200] [--candidates 5] [--batch-size 64]
+
+Each candidate is a random pruning genome (4 of 8 experts per layer); the time counted is apply + score + metrics
+(one-time set-up excluded). The floor is a hand-written loop with no lm-eval code over the same pre-tokenised
+requests at the same batch size: one forward per distinct sequence (contexts shared by single-token continuations
+scored once), and greedy ``generate`` with the same ``max_new_tokens`` and the newline as stop token. Medians;
+ratios from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import eep.zoo
+from eep.evaluate.evaluator import Evaluator
+from eep.evaluate.reference import simple_scores
+from eep.genome import Genome
+from eep.materialize import Materializer
+
+
+@torch.no_grad()
+def floor_loglikelihood(model, encoded, batch_size: int, pad_id: int) -> list[float]:
+    """Sum of continuation log-probs per request, one forward per distinct sequence."""
+    seqs: dict[tuple[int, ...], int] = {}
+    for _, ctx, cont in encoded:
+        seqs.setdefault(tuple(ctx + cont[:-1]) if len(cont) > 1 else tuple(ctx), len(seqs))
+    order = sorted(seqs, key=len, reverse=True)
+    logprobs: dict[tuple[int, ...], torch.Tensor] = {}
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        width = len(chunk[0])
+        ids = torch.full((len(chunk), width), pad_id)
+        for r, s in enumerate(chunk):
+            ids[r, :len(s)] = torch.tensor(s)
+        out = F.log_softmax(model(input_ids=ids).logits.float(), dim=-1)
+        for r, s in enumerate(chunk):
+            logprobs[s] = out[r, :len(s)]
+    scores = []
+    for _, ctx, cont in encoded:
+        seq = tuple(ctx + cont[:-1]) if len(cont) > 1 else tuple(ctx)
+        lp = logprobs[seq][len(ctx) - 1:len(ctx) - 1 + len(cont)]
+        scores.append(lp.gather(1, torch.tensor(cont)[:, None]).sum().item())
+    return scores
+
+
+@torch.no_grad()
+def floor_generate(model, tok, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[str]:
+    stop = [tok.convert_tokens_to_ids("\n"), tok.eos_token_id]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out = [""] * len(prompts)
+    tok.padding_side = "left"
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        enc = tok([prompts[j] for j in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id)
+        for j, text in zip(idx, tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            out[j] = text.split("\n")[0]
+    tok.padding_side = "right"
+    return out
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_task(model, tok, task: str, limit: int, batch_size: int, genomes: list[Genome]) -> dict:
+    mat = Materializer(model)
+    ev = Evaluator(model, tok, [task], role="test", limit=limit, batch_size=batch_size)
+    kind = "loglikelihood" if ev.encoded else "generate_until"
+    prompts = [inst.args[0] for inst in ev.requests.get("generate_until", [])]
+    gen_toks = next(iter(ev.tasks.values())).config.generation_kwargs.get("max_gen_toks", 256) if prompts else 0
+
+    def floor():
+        if ev.encoded:
+            floor_loglikelihood(model, ev.encoded, batch_size, tok.pad_token_id)
+        else:
+            floor_generate(model, tok, prompts, batch_size, gen_toks)
+
+    simple_scores(model, tok, [task], limit=limit, batch_size=batch_size)  # warm-up: task index and caches
+    times = {"eep": [], "floor": [], "simple_evaluate": []}
+    for genome in genomes:
+        times["eep"].append(timed(lambda: (mat.apply(genome), ev.evaluate())))
+        times["floor"].append(timed(lambda: (mat.apply(genome), floor())))
+        times["simple_evaluate"].append(timed(lambda: (mat.apply(genome), simple_scores(
+            model, tok, [task], limit=limit, batch_size=batch_size))))
+    mat.restore()
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"task": task, "kind": kind, "requests": len(ev.encoded) or len(prompts), **med,
+            "eep_over_floor": med["eep"] / med["floor"], "simple_over_eep": med["simple_evaluate"] / med["eep"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="skills-mixtral")
+    parser.add_argument("--tasks", default="skills_count_mc,skills_sort")
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--candidates", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    folder = eep.zoo.path(args.model)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    mat = Materializer(model)
+    n_exp = mat.adapter.num_experts
+    rng = random.Random(0)
+    genomes = [Genome.pruning([rng.sample(range(n_exp), n_exp // 2) for _ in mat.layers], n_exp, mat.adapter.top_k)
+               for _ in range(args.candidates)]
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
+          f"model {args.model}, limit {args.limit}, batch {args.batch_size}, {args.candidates} candidates")
+    for task in args.tasks.split(","):
+        r = bench_task(model, tok, task, args.limit, args.batch_size, genomes)
+        print(f"{r['task']:<16} {r['kind']:<15} {r['requests']:>5} requests  eep {r['eep'] * 1e3:8.1f} ms  "
+              f"floor {r['floor'] * 1e3:8.1f} ms  simple_evaluate {r['simple_evaluate'] * 1e3:8.1f} ms  "
+              f"eep/floor {r['eep_over_floor']:.2f}x  simple_evaluate/eep {r['simple_over_eep']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The cached lm-eval evaluator: parity with simple_evaluate, disjoint splits, containment of failing candidates."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import eep.zoo
+from eep.evaluate.evaluator import WORST_FITNESS, Evaluator
+from eep.evaluate.reference import simple_scores
+from eep.evaluate.splits import SplitRef, plan_splits
+from eep.genome import Genome
+from eep.materialize import Materializer
+
+TASKS = ["skills_count_mc", "skills_sort", "skills_lookup"]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    folder = eep.zoo.path("skills-mixtral")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def evaluator(shipped):
+    return Evaluator(*shipped, TASKS, role="test", limit=40, batch_size=16)
+
+
+def test_scores_equal_simple_evaluate_for_full_and_pruned_models(shipped, evaluator):
+    model, tok = shipped
+    full = evaluator.evaluate()
+    assert full.error is None
+    assert full.metrics == simple_scores(model, tok, TASKS, limit=40, batch_size=16)
+    mat = Materializer(model)
+    mat.apply(Genome.pruning([[0, 2, 4, 6], [1, 3, 5, 7], [0, 1, 2, 3], [4, 5, 6, 7]], 8, 2))
+    try:
+        pruned = evaluator.evaluate()
+        assert pruned.metrics == simple_scores(model, tok, TASKS, limit=40, batch_size=16)
+    finally:
+        mat.restore()
+    assert pruned.metrics != full.metrics
+    assert math.isclose(full.fitness, sum(full.metrics[t][m] for t, m in
+                                          [("skills_count_mc", "acc"), ("skills_sort", "exact_match"),
+                                           ("skills_lookup", "exact_match")]) / 3)
+
+
+def test_weighted_fitness_and_group_metrics(shipped):
+    ev = Evaluator(*shipped, ["skills_all"], role="search", limit=10, batch_size=32,
+                   weights={"skills_all,exact_match": 2.0})
+    score = ev.evaluate()
+    assert set(score.metrics) == {"skills_all"} | {f"skills_{s}" for s in
+                                                   ("add", "reverse", "sort", "copy", "lookup", "count")}
+    assert score.fitness == pytest.approx(2.0 * score.metrics["skills_all"]["exact_match"])
+    assert ev.describe()["skills_add"]["search"] == {"split": "search", "docs": None, "partition": False}
+
+
+def test_failing_candidates_get_the_worst_fitness_and_the_evaluator_recovers(shipped, evaluator, monkeypatch):
+    model, _ = shipped
+    head = model.lm_head.weight
+    saved = head.data.clone()
+    head.data[0, 0] = float("nan")
+    bad = evaluator.evaluate()
+    head.data.copy_(saved)
+    assert bad.fitness == WORST_FITNESS and bad.error == "non-finite logits"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(evaluator.lm, "_loglikelihood_tokens", boom)
+    failed = evaluator.evaluate()
+    assert failed.fitness == WORST_FITNESS and "simulated" in failed.error
+    monkeypatch.undo()
+    assert evaluator.evaluate().error is None
+
+
+class _FakeTask:
+    """Just what plan_splits reads: a config with split names and a dataset with split lengths."""
+
+    def __init__(self, training=None, validation=None, test=None, sizes=None):
+        self.config = type("C", (), {"task": "fake", "training_split": training, "validation_split": validation,
+                                     "test_split": test})()
+        self.dataset = {name: [0] * n for name, n in (sizes or {}).items()}
+
+
+def test_split_plans_are_disjoint_and_partition_missing_splits():
+    own = plan_splits(_FakeTask("train", "validation", "test"))
+    assert own == {"search": SplitRef("train"), "validation": SplitRef("validation"), "test": SplitRef("test")}
+    only_val = plan_splits(_FakeTask("train", "validation", None, sizes={"validation": 101}), seed=3)
+    assert only_val["search"] == SplitRef("train")
+    val, test = only_val["validation"].indices, only_val["test"].indices
+    assert not set(val) & set(test) and len(val) + len(test) == 101
+    assert plan_splits(_FakeTask("train", "validation", None, sizes={"validation": 101}), seed=3) == only_val
+    only_test = plan_splits(_FakeTask(None, None, "test", sizes={"test": 90}))
+    assert sorted(i for r in only_test.values() for i in r.indices) == list(range(90))
+
+
+def test_overlapping_splits_are_refused():
+    with pytest.raises(ValueError, match="search and validation splits are both 'validation'"):
+        plan_splits(_FakeTask("train", "validation", "test"), {"search": "validation", "validation": "validation"})
+
+
+def test_unknown_task_and_role_are_clear_errors(shipped):
+    with pytest.raises(ValueError, match="unknown lm-eval task 'skills_sorted'"):
+        Evaluator(*shipped, ["skills_sorted"])
+    with pytest.raises(ValueError, match="role='dev'"):
+        Evaluator(*shipped, ["skills_sort"], role="dev")
