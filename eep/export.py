@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 import eep
-from eep.arch import MoEAdapter, MoELayer, adapter_for
+from eep.arch import MoEAdapter
 from eep.genome import Genome, GenomeError
 from eep.materialize import Materializer, merge_experts
 
@@ -28,6 +29,8 @@ class ExportResult:
     num_experts: int
     top_k: int
     router_top_k_overlap: float | None = None   # merging: share of the candidate's top-k' choices the refit gate keeps
+    in_place_score: float | None = None         # with ``rescore``: the candidate's score, patched in place
+    exported_score: float | None = None         # with ``rescore``: the reloaded checkpoint's score
     notes: list[str] = field(default_factory=list)
 
 
@@ -80,9 +83,9 @@ def refit_routers(materializer: Materializer, genome: Genome, input_ids: torch.T
             def hook(module, args, output, i=layer.index):
                 captured.setdefault(i, []).append((args[0].reshape(-1, args[0].shape[-1]), output[0], output[2]))
             handles.append(layer.router.register_forward_hook(hook))
-    materializer.apply(genome)
     try:
-        materializer.model(input_ids=input_ids, attention_mask=attention_mask)
+        with materializer.applied(genome):
+            materializer.model(input_ids=input_ids, attention_mask=attention_mask)
     finally:
         for h in handles:
             h.remove()
@@ -108,13 +111,15 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def export(model: nn.Module, genome: Genome, folder: str | Path, tokenizer=None, *,
            materializer: Materializer | None = None, calibration: dict | None = None,
-           provenance: dict | None = None) -> ExportResult:
+           provenance: dict | None = None, rescore: Callable[[nn.Module], float] | None = None) -> ExportResult:
     """Write ``genome`` applied to ``model`` as a vanilla checkpoint in ``folder``; return how exact it is.
 
     Pruning genomes export exactly (sliced router rows and experts, ``config`` count and ``num_experts_per_tok``
     updated). A merging genome's continuous ``W_RM`` is no linear gate: its gates are refit by least squares on
     ``calibration`` (``{"input_ids", "attention_mask"}``, required then) and the top-k' agreement is reported.
-    ``provenance`` (base model, method, scores, ...) goes into the model card and ``eep_export.json``.
+    ``provenance`` (base model, method, scores, ...) goes into the model card and ``eep_export.json``. With
+    ``rescore`` (a model -> score function, e.g. an :class:`~eep.evaluate.evaluator.Evaluator` built on it), the
+    in-place candidate and the reloaded checkpoint are both scored and recorded.
     """
     materializer = materializer or Materializer(model)
     adapter = materializer.adapter
@@ -128,17 +133,29 @@ def export(model: nn.Module, genome: Genome, folder: str | Path, tokenizer=None,
         if calibration is None:
             raise GenomeError("exporting a merging genome needs calibration tokens to refit its gates: pass "
                               "calibration={'input_ids': ..., 'attention_mask': ...}")
-        previous = materializer.genome
         routers, result.router_top_k_overlap = refit_routers(materializer, genome, **calibration)
-        materializer.restore() if previous is None else materializer.apply(previous)
         result.notes.append("merging genome: gates refit by least squares (not exact); "
                             f"top-{genome.top_k} overlap with the in-place candidate {result.router_top_k_overlap:.3f}")
     state = exported_state_dict(materializer, genome, routers)
     _save(model, adapter, genome, state, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    if rescore is not None:
+        _rescore(model, materializer, genome, folder, rescore, result)
     _write_card(folder, model, genome, result, provenance or {})
     return result
+
+
+def _rescore(model, materializer: Materializer, genome: Genome, folder: Path, rescore, result: ExportResult) -> None:
+    """Score the in-place candidate and the reloaded checkpoint with the same function (model left as found)."""
+    from transformers import AutoModelForCausalLM
+
+    with materializer.applied(genome):
+        result.in_place_score = float(rescore(model))
+    device = next(model.parameters()).device
+    reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=next(model.parameters()).dtype).to(device).eval()
+    result.exported_score = float(rescore(reloaded))
+    del reloaded
 
 
 def _save(model: nn.Module, adapter: MoEAdapter, genome: Genome, state: dict, folder: Path) -> None:
@@ -164,6 +181,8 @@ def _write_card(folder: Path, model: nn.Module, genome: Genome, result: ExportRe
              f"- experts per layer: {genome.num_experts} -> {genome.num_kept}; active per token: {genome.top_k}",
              f"- exact: {result.exact}" + (f" (router top-k overlap {result.router_top_k_overlap:.3f})"
                                           if result.router_top_k_overlap is not None else "")]
+    if result.exported_score is not None:
+        lines.append(f"- score in place {result.in_place_score:.4f}, of this checkpoint {result.exported_score:.4f}")
     for key, value in (provenance.get("scores") or {}).items():
         lines.append(f"- score {key}: {value}")
     lines += [f"- note: {n}" for n in result.notes]
@@ -171,5 +190,3 @@ def _write_card(folder: Path, model: nn.Module, genome: Genome, result: ExportRe
         lines += ["", "Kept experts per MoE layer:", ""]
         lines += [f"- layer {i}: {genome.kept(i)}" for i in range(genome.num_layers)]
     (folder / "README.md").write_text("\n".join(lines) + "\n")
-
-

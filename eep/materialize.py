@@ -16,6 +16,7 @@ changed.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -90,6 +91,19 @@ class Materializer:
                                router_map=router_map.to(device), used=genome.used_experts(layer.index).to(device))
             layer.router.forward = _patched_forward(self.adapter, layer.router, route)
         self.genome = genome
+
+    @contextmanager
+    def applied(self, genome: Genome):
+        """Context manager: the model computes ``genome`` inside, and what it computed before afterwards."""
+        previous = self.genome
+        self.apply(genome)
+        try:
+            yield self.model
+        finally:
+            if previous is None:
+                self.restore()
+            else:
+                self.apply(previous)
 
     @torch.no_grad()
     def restore(self) -> None:

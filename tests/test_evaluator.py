@@ -105,3 +105,28 @@ def test_unknown_task_and_role_are_clear_errors(shipped):
         Evaluator(*shipped, ["skills_sorted"])
     with pytest.raises(ValueError, match="role='dev'"):
         Evaluator(*shipped, ["skills_sort"], role="dev")
+
+
+def test_export_rescoring_on_a_shipped_model(tmp_path):
+    """Pruned export scores exactly as the in-place candidate; a merged export reports both scores and overlap."""
+    folder = eep.zoo.path("skills-olmoe")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    from eep.export import export
+
+    def rescore(m):
+        return Evaluator(m, tok, ["skills_count_mc"], role="validation", limit=30, batch_size=32).evaluate().fitness
+
+    kept = [list(range(0, 32, 2))] * 4
+    pruned = export(model, Genome.pruning(kept, 32, 4), tmp_path / "pruned", tok, rescore=rescore)
+    assert pruned.exact and pruned.exported_score == pruned.in_place_score
+    torch.manual_seed(0)
+    rm = torch.zeros(4, 16, 32)
+    rm[:, torch.arange(16), torch.arange(16) * 2] = 1.0
+    em = rm + 0.05 * torch.rand(4, 16, 32)
+    calib = tok([d for d in ["[count]a?abca=1\n", "[sort]dcba=abcd\n"] * 8], return_tensors="pt", padding=True)
+    merged = export(model, Genome.merging(rm, em, 4), tmp_path / "merged", tok, rescore=rescore,
+                    calibration={"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]})
+    assert not merged.exact and merged.in_place_score is not None and merged.exported_score is not None
+    assert 0.0 < merged.router_top_k_overlap <= 1.0
+    assert "score in place" in (tmp_path / "merged" / "README.md").read_text()

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eep.zoo
 from eep.evaluate.reference import simple_scores
-from eep.zoo.train import RECIPES, train
+from eep.zoo.train import RECIPES, Recipe, train
 
 EXPECTED = {  # name: (class, min experts, min top-k, skill checked through lm-eval)
     "skills-mixtral": ("MixtralForCausalLM", 8, 2, "skills_add"),
@@ -49,10 +49,12 @@ def test_skill_accuracy_through_lm_eval(shipped):
     assert scores["skills_add_mc"]["acc"] >= 0.9, scores
 
 
-def test_training_reproduces_the_shipped_loss_curve():
-    """The first 50 steps of the recorded training command give the same losses (same seed and thread count)."""
-    log = json.loads((eep.zoo.path("skills-mixtral") / "training_log.json").read_text())
-    recipe = RECIPES["skills-mixtral"]
-    assert log["recipe"] == {**recipe.__dict__, "steps": log["recipe"]["steps"]}
-    rerun = train("skills-mixtral", replace(recipe, steps=100), None, log["threads"], check_every=0, quiet=True)
+@pytest.mark.parametrize("name", eep.zoo.names())
+def test_training_reproduces_the_shipped_loss_curve(name):
+    """The first 100 steps of the recorded training command give the same losses (same seed and thread count)."""
+    log = json.loads((eep.zoo.path(name) / "training_log.json").read_text())
+    recipe = Recipe(**log["recipe"])
+    assert log["command"].startswith(f"python -m eep.zoo.train {name}")
+    assert recipe.weights == RECIPES[name].weights  # the committed recipe is the one that was run
+    rerun = train(name, replace(recipe, steps=100), None, log["threads"], check_every=0, quiet=True)
     assert rerun["loss_curve"] == log["loss_curve"][:2]

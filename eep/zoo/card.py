@@ -108,8 +108,8 @@ def card_lines(name, model, scores, counts, usage, train_log) -> list[str]:
               f"(warm-up {r['warmup']}, cosine to 5%), loss on answer tokens + {r['aux_loss']} x router load-balancing loss",
               f"- skill sampling weights: {r['weights']}",
               f"- wall time {train_log['wall_seconds'] / 60:.1f} min ({train_log['seconds_per_step']} s/step) with "
-              f"{train_log['threads']} torch thread(s) on {train_log['machine']} (a 2-core machine, the other core "
-              f"training the other shipped model at the same time)",
+              f"{train_log['threads']} torch thread(s) on {train_log['machine']}, a 2-core machine that ran the "
+              f"shipped models' training runs side by side (one thread each)",
               f"- loss (mean over {curve[0][0]} steps): {curve[0][1]:.3f} at step {curve[0][0]}, {curve[-1][1]:.4f} "
               f"at step {curve[-1][0]}; full curve and validation checks in `training_log.json`", "",
               "## Expert usage per skill", "",

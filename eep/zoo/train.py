@@ -43,6 +43,7 @@ class Recipe:
     warmup: int = 150
     aux_loss: float = 0.01
     seed: int = 0
+    rope_theta: float = 10000.0  # Mixtral's default (1e6) leaves 64-token sequences almost without position signal
     # training-time sampling weight per skill (harder skills more often)
     weights: dict[str, float] = field(default_factory=lambda: {
         "add": 2.0, "reverse": 1.0, "sort": 1.0, "copy": 0.5, "lookup": 2.0, "count": 2.0})
@@ -50,7 +51,8 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "skills-mixtral": Recipe("mixtral", hidden=128, intermediate=192, layers=4, heads=4, experts=8, top_k=2,
-                             steps=6000),
+                             steps=6000, weights={"add": 2.0, "reverse": 1.0, "sort": 1.0, "copy": 0.5,
+                                                  "lookup": 3.0, "count": 2.0}),
     "skills-olmoe": Recipe("olmoe", hidden=128, intermediate=64, layers=4, heads=4, experts=32, top_k=4,
                            steps=6000),
 }
@@ -62,7 +64,8 @@ def build_config(recipe: Recipe, vocab_size: int, pad_id: int, eos_id: int) -> P
                   num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads,
                   num_key_value_heads=recipe.heads, num_experts_per_tok=recipe.top_k, max_position_embeddings=64,
                   router_aux_loss_coef=recipe.aux_loss, tie_word_embeddings=True, pad_token_id=pad_id,
-                  eos_token_id=eos_id, bos_token_id=None, dtype="float32")
+                  eos_token_id=eos_id, bos_token_id=None, dtype="float32",
+                  rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta})
     if recipe.family == "mixtral":
         return MixtralConfig(num_local_experts=recipe.experts, **common)
     if recipe.family == "olmoe":
@@ -133,41 +136,60 @@ def train(name: str, recipe: Recipe, out: Path | None, threads: int, check_every
     torch.set_num_threads(threads)
     torch.manual_seed(recipe.seed)
     tok = build_tokenizer()
-    config = build_config(recipe, len(tok), tok.pad_token_id, tok.eos_token_id)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(build_config(recipe, len(tok), tok.pad_token_id, tok.eos_token_id),
+                                             dtype=torch.float32)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe))
     batcher = Batcher(recipe, tok)
     curve, checks, start, running = [], [], time.time(), 0.0
-    for step in range(recipe.steps):
-        ids, mask, labels = batcher.batch()
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        running += loss.item()
-        if (step + 1) % LOG_EVERY == 0:
-            curve.append([step + 1, round(running / LOG_EVERY, 6)])
+    for step in range(1, recipe.steps + 1):
+        running += train_step(model, opt, sched, batcher)
+        if step % LOG_EVERY == 0:
+            curve.append([step, round(running / LOG_EVERY, 6)])
             running = 0.0
-        if check_every and ((step + 1) % check_every == 0 or step + 1 == recipe.steps):
-            model.eval()
-            acc = {s: greedy_accuracy(model, tok, s, "validation", 50) for s in SKILLS}
-            model.train()
-            checks.append({"step": step + 1, "validation_exact_match_50": acc})
+        if check_every and (step % check_every == 0 or step == recipe.steps):
+            checks.append({"step": step, "validation_exact_match_50": validation_check(model, tok)})
             if not quiet:
-                print(f"step {step + 1} loss {curve[-1][1]:.4f} {time.time() - start:.0f}s {acc}", flush=True)
+                print(f"step {step} loss {curve[-1][1]:.4f} {time.time() - start:.0f}s {checks[-1]}", flush=True)
     wall = time.time() - start
     model.eval()
     log = {"model": name, "recipe": asdict(recipe), "threads": threads, "wall_seconds": round(wall, 1),
            "seconds_per_step": round(wall / recipe.steps, 4), "loss_curve": curve, "checks": checks,
-           "command": command,
-           "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}",
+           "command": command, "machine": f"{platform.machine()}, {_cpu_name()}, torch {torch.__version__}",
            "torch": torch.__version__}
     if out is not None:
         save(model, tok, out, log)
     return log
+
+
+def train_step(model, opt, sched, batcher: Batcher) -> float:
+    """One optimisation step on a fresh batch; returns its loss (answer tokens + router load-balancing)."""
+    ids, mask, labels = batcher.batch()
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels, output_router_logits=True).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss.item()
+
+
+def validation_check(model, tok) -> dict[str, float]:
+    """Greedy exact match on the first 50 validation docs of every skill (the model is left in training mode)."""
+    model.eval()
+    acc = {s: greedy_accuracy(model, tok, s, "validation", 50) for s in SKILLS}
+    model.train()
+    return acc
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
 
 
 def save(model, tok, out: Path, log: dict) -> None:
@@ -187,10 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
+    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     args = parser.parse_args(argv)
-    recipe = RECIPES[args.name]
-    if args.steps is not None:
-        recipe = replace(recipe, steps=args.steps)
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "seed") if getattr(args, k) is not None}
+    recipe = replace(RECIPES[args.name], **overrides)
     command = "python -m eep.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv)
     log = train(args.name, recipe, args.out, args.threads, command=command)
     print(f"saved {args.name} to {args.out} after {log['wall_seconds']} s")
