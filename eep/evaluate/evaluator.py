@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eep.evaluate.reference import check_tasks, task_manager
+from eep.evaluate.reference import manager_for
 from eep.evaluate.splits import ROLES, SplitRef, plan_splits
 
 log = logging.getLogger(__name__)
@@ -61,13 +61,9 @@ class Evaluator:
                  fewshot_seed: int = 1234):
         from lm_eval.models.huggingface import HFLM
 
-        import eep.tasks
-
         if role not in ROLES:
             raise ValueError(f"role={role!r}; choose one of {', '.join(ROLES)}")
-        shipped = set(eep.tasks.task_names())
-        manager = task_manager(tuple(include_paths), include_defaults=not set(tasks) <= shipped)
-        check_tasks(tasks, manager)
+        manager = manager_for(tasks, tuple(include_paths))
         self.model, self.role, self.limit, self.progress = model, role, limit, progress
         loaded = manager.load(tasks)
         self.tasks, self.groups = loaded["tasks"], loaded["groups"]

@@ -24,6 +24,15 @@ def task_manager(include_paths: tuple[str, ...] = (), include_defaults: bool = F
     return _TASK_MANAGERS[key]
 
 
+def manager_for(tasks: list[str], include_paths: tuple[str, ...] = ()):
+    """A task manager that knows ``tasks`` (indexing the harness's own tasks only if needed), else a ValueError."""
+    manager = task_manager(tuple(include_paths))
+    if not set(tasks) <= set(manager.all_tasks):
+        manager = task_manager(tuple(include_paths), include_defaults=True)
+    check_tasks(tasks, manager)
+    return manager
+
+
 def check_tasks(names: list[str], manager) -> None:
     """Raise a short ValueError naming the first task the manager does not know, with close names."""
     import eep.tasks
@@ -35,7 +44,7 @@ def check_tasks(names: list[str], manager) -> None:
 
 
 def simple_scores(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 64,
-                  device: str = "cpu", include_defaults: bool = False) -> dict[str, dict[str, float]]:
+                  device: str = "cpu", include_paths: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
     """``{task: {metric: value}}`` (0-1 units, stderr dropped) from one ``simple_evaluate`` call on a live model.
 
     ``model`` is a loaded ``PreTrainedModel`` (possibly patched); the tasks' ``test_split`` is scored, the first
@@ -44,8 +53,7 @@ def simple_scores(model, tokenizer, tasks: list[str], limit: int | None = None, 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager(include_defaults=include_defaults)
-    check_tasks(tasks, manager)
+    manager = manager_for(tasks, include_paths)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                   log_samples=False, bootstrap_iters=0)

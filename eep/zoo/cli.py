@@ -17,14 +17,14 @@ def cmd_list(_args) -> None:
 
 def cmd_eval(args) -> None:
     """Score a model config on skills tasks through lm-eval and print one row per task."""
-    from eep.evaluate.reference import check_tasks, simple_scores, task_manager
+    from eep.evaluate.reference import manager_for, simple_scores
     from eep.models import load_model, model_config
 
     cfg = model_config(args.model)
     if args.path:
         cfg.path = args.path
     tasks = args.tasks.split(",")
-    check_tasks(tasks, task_manager())  # before the model loads
+    manager_for(tasks)  # unknown task names fail before the model loads
     model, tok = load_model(cfg)
     scores = simple_scores(model, tok, tasks, limit=args.limit, batch_size=args.batch_size, device=cfg.device)
     print(f"\nmodel: {cfg.location()}\ntest split, {'all' if args.limit is None else args.limit} docs per task\n")
