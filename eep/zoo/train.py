@@ -211,8 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
     parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
     parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
+    for key in ("layers", "heads", "intermediate"):
+        parser.add_argument(f"--{key}", type=int, default=None, help=f"override the recipe's {key}")
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "seed") if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("steps", "lr", "seed", "layers", "heads", "intermediate")
+                 if getattr(args, k) is not None}
     recipe = replace(RECIPES[args.name], **overrides)
     command = "python -m eep.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv)
     log = train(args.name, recipe, args.out, args.threads, command=command)
