@@ -1,0 +1,69 @@
+"""Exact resume: a search killed mid-candidate and resumed from its checkpoint asks the same genomes."""
+import pytest
+import torch
+
+from eep.genome import Genome
+from eep.search.state import Phase, SearchState, load_checkpoint, run_plan, save_checkpoint
+from eep.search.strategy import EEPSettings
+
+TARGET = torch.rand(2, 4, 8, generator=torch.Generator().manual_seed(0))
+
+
+def fitness(genome: Genome) -> float:
+    kept = [set(genome.kept(i) or []) for i in range(genome.num_layers)]
+    return sum(len({0, 1, 2, 3} & k) for k in kept) / 8 - float((genome.merge - TARGET).abs().mean()) / 10
+
+
+def new_state(prune: str, merge: str) -> SearchState:
+    return SearchState(plan=(Phase("prune", prune, 25), Phase("merge", merge, 15)),
+                       template=Genome.pruning([[0, 1, 2, 3]] * 2, 8, 2), seed=7,
+                       settings=EEPSettings(population=8))
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("prune, merge", [("eep", "eep"), ("NGOpt", "CMA")])
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(tmp_path, prune, merge):
+    order = []
+    full = run_plan(new_state(prune, merge), lambda g: order.append(g.content_hash()) or fitness(g))
+    assert full.finished and len(order) == len(set(order)) == 40
+
+    seen, path = [], tmp_path / "state.pkl"
+
+    def dying(genome):
+        if len(seen) == 31:  # killed while evaluating the 32nd candidate (in the merging phase)
+            raise Killed
+        seen.append(genome.content_hash())
+        return fitness(genome)
+
+    with pytest.raises(Killed):
+        run_plan(new_state(prune, merge), dying, checkpoint=lambda s: save_checkpoint(s, path))
+    state = load_checkpoint(path)
+    assert state.archive.count("prune") == 25 and state.archive.count("merge") == 6
+    resumed = run_plan(state, lambda g: seen.append(g.content_hash()) or fitness(g),
+                       checkpoint=lambda s: save_checkpoint(s, path))
+    assert seen == order
+    assert resumed.archive.best()[1] == full.archive.best()[1]
+    assert load_checkpoint(path).finished
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    path = tmp_path / "state.pkl"
+    state = new_state("eep", "eep")
+    stop_after = iter(range(100))
+    run_plan(state, fitness, checkpoint=lambda s: save_checkpoint(s, path), stop=lambda: next(stop_after) >= 5)
+    good = load_checkpoint(path).archive.count("prune")
+    path.write_bytes(path.read_bytes()[:40])
+    assert load_checkpoint(path).archive.count("prune") == good - 1
+    with pytest.raises(FileNotFoundError, match="no search checkpoint"):
+        load_checkpoint(tmp_path / "missing.pkl")
+
+
+def test_a_zero_budget_skips_the_phase():
+    state = SearchState(plan=(Phase("prune", "eep", 0), Phase("merge", "eep", 5)),
+                        template=Genome.pruning([[0, 1, 2, 3]] * 2, 8, 2), seed=1)
+    state.archive.add(state.template, fitness(state.template), "prune")
+    run_plan(state, fitness)
+    assert state.archive.count("merge") == 5 and state.finished
