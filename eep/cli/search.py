@@ -1,0 +1,67 @@
+"""``eep-search``: the Hydra app that runs (or resumes) an EEP search. See conf/eep_search.yaml."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import eep
+from eep.search import run as R
+
+log = logging.getLogger("eep.search")
+
+
+def _redirect_resume(argv: list[str]) -> list[str]:
+    """``resume=<folder>``: make Hydra's run folder that folder, so the run goes on where it was."""
+    for arg in argv:
+        if arg.startswith("resume=") and arg.split("=", 1)[1] not in ("", "null"):
+            folder = Path(arg.split("=", 1)[1]).resolve()
+            if not (folder / R.CONFIG).is_file():
+                print(f"eep-search: error: resume={folder} is not an eep-search run folder (no {R.CONFIG}); give the "
+                      f"folder a run printed when it started", file=sys.stderr)
+                sys.exit(2)
+            return [*argv, f"hydra.run.dir={folder}"]
+    return argv
+
+
+def _effective_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
+    """On resume, the run's own saved config with any other overrides applied (checked against the checkpoint)."""
+    if not cfg.resume:
+        return cfg
+    saved = OmegaConf.load(run_dir / R.CONFIG)
+    from hydra.core.hydra_config import HydraConfig
+
+    extra = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0] in ("resume", "resume_force")]
+    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra)) if extra else saved
+    merged.resume, merged.resume_force = cfg.resume, cfg.resume_force
+    return merged
+
+
+@hydra.main(version_base="1.3", config_path=str(eep.conf_dir()), config_name="eep_search")
+def app(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        from eep.search.app import run
+
+        run(_effective_config(cfg, run_dir), run_dir)
+    except (R.UserError, FileNotFoundError, FileExistsError) as err:
+        print(f"eep-search: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as err:  # validation errors of genomes, tasks, optimisers: user-facing too
+        print(f"eep-search: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *_redirect_resume(sys.argv[1:])]
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""After the search: pick the final candidate on validation, score full / in place / exported on test, report."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from eep.genome import Genome
+from eep.search.proposers import Archive
+
+log = logging.getLogger(__name__)
+
+
+def pick_final(archive: Archive, materializer, validator, n: int) -> tuple[Genome, dict]:
+    """The best of the top-``n`` (search fitness) by validation fitness (ties: search fitness, then order)."""
+    top = sorted(archive.scored(), key=lambda item: -item[0])[:max(1, n)]
+    scored = []
+    for rank, (search_fitness, genome) in enumerate(top):
+        materializer.apply(genome)
+        score = validator.evaluate()
+        scored.append((score.fitness, search_fitness, -rank, genome, score))
+        log.info("validation of candidate %s: %.4f (search %.4f)", genome.content_hash(), score.fitness,
+                 search_fitness)
+    materializer.restore()
+    best = max(scored, key=lambda item: item[:3])
+    table = [{"genome_hash": g.content_hash(), "search": sf, "validation": vf} for vf, sf, _, g, _ in scored]
+    return best[3], {"candidates": table, "metrics": best[4].metrics, "fitness": best[0]}
+
+
+def calibration_tokens(evaluator, tokenizer, n: int = 64) -> dict:
+    """``{"input_ids", "attention_mask"}`` of the first ``n`` prompts the evaluator scores (for refitting gates)."""
+    texts = [inst.args[0] for reqs in evaluator.requests.values() for inst in reqs][:n]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "right"
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    tokenizer.padding_side = side
+    device = next(evaluator.model.parameters()).device
+    return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+
+
+def parameter_counts(model, adapter, num_kept: int | None = None) -> dict[str, int]:
+    """Total and routed-expert parameters, as loaded or with ``num_kept`` experts per MoE layer."""
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in adapter.layers)
+    if num_kept is None:
+        return {"total": total, "expert": expert}
+    kept = expert * num_kept // adapter.num_experts
+    router = sum(layer.router.weight.numel() for layer in adapter.layers) * (adapter.num_experts - num_kept) \
+        // adapter.num_experts
+    return {"total": total - expert + kept - router, "expert": kept}
+
+
+def plot_curve(rows: list[dict], path: Path) -> None:
+    """Search fitness against distinct evaluations, one colour per phase, with the running best."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    best, xs, ys = float("-inf"), [], []
+    for i, row in enumerate(rows, 1):
+        best = max(best, row["fitness"])
+        xs.append(i)
+        ys.append(best)
+    for phase, colour in (("prune", "tab:blue"), ("merge", "tab:orange")):
+        pts = [(i, r["fitness"]) for i, r in enumerate(rows, 1) if r["phase"] == phase]
+        if pts:
+            ax.scatter(*zip(*pts), s=10, color=colour, label=f"{phase} candidates")
+    ax.plot(xs, ys, color="black", label="best so far")
+    ax.set_xlabel("distinct evaluations")
+    ax.set_ylabel("search fitness")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    t = report["test"]
+    lines = [f"# eep-search report: {report['task']}", "",
+             f"Model `{report['model']}`, {report['experts']['before']} -> {report['experts']['after']} experts per "
+             f"MoE layer, top-{report['top_k']['before']} -> top-{report['top_k']['after']}.", "",
+             "| | test | validation | experts | parameters |", "|---|---|---|---|---|",
+             f"| full | {t['full']:.4f} | {report['validation']['full']:.4f} | {report['experts']['before']} | "
+             f"{report['parameters']['before']['total']:,} |",
+             f"| best (in place) | {t['best_in_place']:.4f} | {report['validation']['best_in_place']:.4f} | "
+             f"{report['experts']['after']} | {report['parameters']['after']['total']:,} |",
+             f"| best (exported) | {t['best_exported']:.4f} | | {report['experts']['after']} | |", "",
+             f"- test split: {report['test_split']}, limit {report['test_limit']}",
+             f"- distinct evaluations: {report['evaluations']}, search time {report['search_seconds']:.0f} s",
+             f"- best genome: `{report['best_hash']}` (exact export: {report['export']['exact']})"]
+    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def first_metric(score, task: str) -> float:
+    """The task's first metric from a Score (the value lm-eval reports)."""
+    return next(iter(score.metrics[task].values()))
