@@ -1,0 +1,67 @@
+"""eep-search: config composition, validation before heavy work, a tiny real run, resume, and the CLI's errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+import eep
+from eep.search import app
+from eep.search.run import UserError
+
+TINY = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "search.prune_budget=5",
+        "search.merge_budget=2", "search.eep.population=3", "evaluator.limit=20", "evaluator.validation_limit=20",
+        "evaluator.test_limit=30", "search.final_candidates=2"]
+
+
+def config(overrides):
+    with initialize_config_dir(version_base="1.3", config_dir=str(eep.conf_dir())):
+        return compose(config_name="eep_search", overrides=overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("search.num_experts=40", "search.num_experts=40: must be an integer between 1 and the model's 32 experts"),
+    ("search.top_k=9", "search.top_k=9: must be an integer between 1 and search.num_experts=8"),
+    ("search.layer_groups=7", "search.layer_groups=7: use per_layer or a number of depth groups between 1 and 4"),
+    ("search.prune_budget=-1", "search.prune_budget=-1: must be an integer >= 0"),
+    ("optimizer.name=NGopt", "optimizer.prune_name: unknown nevergrad optimizer 'NGopt'. Close names: NGOpt"),
+    ("task.names=[skills_sorted]", "unknown lm-eval task 'skills_sorted'"),
+])
+def test_bad_settings_are_refused_before_the_model_loads(tmp_path, override, message):
+    with pytest.raises((UserError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
+        app.run(config([*TINY, override]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_config_group_entry_composes():
+    for group in ("model", "task", "search", "optimizer", "evaluator"):
+        for entry in sorted((eep.conf_dir() / group).glob("*.yaml")):
+            cfg = config([f"{group}={entry.stem}"])
+            assert cfg[group] is not None
+            assert entry.read_text().startswith("#"), f"{entry} must open with a comment giving a command"
+
+
+def test_a_tiny_search_writes_its_outputs_and_a_finished_run_changes_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    report = app.run(config(TINY), run_dir)
+    for name in ("evaluations.jsonl", "best.json", "report.json", "report.md", "curve.png", "eep_config.yaml",
+                 "model/config.json", "model/README.md"):
+        assert (run_dir / name).is_file(), name
+    rows = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert len(rows) == report["evaluations"] == 7 and len({r["genome_hash"] for r in rows}) == 7
+    assert report["test"]["best_in_place"] == report["test"]["best_exported"] or not report["export"]["exact"]
+    assert 0 <= report["test"]["full"] <= 1 and report["experts"] == {"before": 32, "after": 8}
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert app.run(config([*TINY, f"resume={run_dir}"]), run_dir) is None
+    assert "is finished; nothing to do" in capsys.readouterr().out
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_cli_user_error_is_one_line_without_traceback(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "eep.cli.search", *TINY, "search.num_experts=33",
+                          f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert out.returncode == 2
+    assert "eep-search: error: search.num_experts=33" in out.stderr and "Traceback" not in out.stderr
