@@ -65,3 +65,35 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
                           f"hydra.run.dir={tmp_path / 'r'}"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 2
     assert "eep-search: error: search.num_experts=33" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch):
+    """Dies mid-candidate (as under SIGKILL: the candidate in flight is lost), then ``resume=<folder>``."""
+    from eep.evaluate.evaluator import Evaluator
+
+    full = tmp_path / "full"
+    app.run(config(TINY), full)
+    real, calls = Evaluator.evaluate, {"n": 0}
+
+    def dying(self):
+        if self.role == "search":
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+        return real(self)
+
+    killed = tmp_path / "killed"
+    monkeypatch.setattr(Evaluator, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        app.run(config(TINY), killed)
+    monkeypatch.undo()
+    assert len((killed / "evaluations.jsonl").read_text().splitlines()) == 4
+    with pytest.raises(UserError, match="resume_force=true"):
+        app.run(config([*TINY, "seed=5", f"resume={killed}"]), tmp_path / "ignored")
+    app.run(config([*TINY, f"resume={killed}"]), killed)
+
+    def hashes(folder):
+        return [json.loads(line)["genome_hash"] for line in (folder / "evaluations.jsonl").read_text().splitlines()]
+
+    assert hashes(killed) == hashes(full)
+    assert json.loads((killed / "best.json").read_text()) == json.loads((full / "best.json").read_text())

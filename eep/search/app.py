@@ -62,19 +62,21 @@ def validate(cfg: DictConfig):
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     """Run or resume the search of ``cfg`` in ``run_dir``; returns the report (None if the run was finished)."""
+    run_dir = Path(cfg.resume) if cfg.resume else Path(run_dir)
     if (run_dir / "report.json").exists():
         print(f"run {run_dir} is finished; nothing to do (report: {run_dir / 'report.md'})")
         return None
     if not cfg.resume and (run_dir / R.STATE).exists():
         raise R.UserError(f"{run_dir} already holds a search; resume it with resume={run_dir}")
+    state = R.resume_state(run_dir, cfg, cfg.resume_force) if cfg.resume else None
     _, kept, k, groups = validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         OmegaConf.save(cfg, run_dir / R.CONFIG)
-    return _run(cfg, run_dir, kept, k, groups)
+    return _run(cfg, run_dir, kept, k, groups, state)
 
 
-def _run(cfg: DictConfig, run_dir: Path, kept: int, top_k: int, groups) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, kept: int, top_k: int, groups, state=None) -> dict:
     from eep.evaluate.evaluator import Evaluator
     from eep.genome import Genome
     from eep.materialize import Materializer
@@ -93,8 +95,7 @@ def _run(cfg: DictConfig, run_dir: Path, kept: int, top_k: int, groups) -> dict:
     searcher = Evaluator(model, tok, names, role="search", limit=ev.limit, progress=ev.progress, **common)
     expert_groups = int(getattr(model.config, "n_group", 1) or 1) if mat.adapter.name() == "DeepseekV3" else 1
     template = Genome.pruning([list(range(kept))] * len(groups), mat.adapter.num_experts, top_k, groups)
-    state = R.resume_state(run_dir, cfg, cfg.resume_force) if cfg.resume else R.new_state(cfg, template,
-                                                                                            expert_groups)
+    state = state or R.new_state(cfg, template, expert_groups)
     rows = R.RowLog(run_dir / R.ROWS)
 
     def phase() -> str:
