@@ -97,3 +97,24 @@ def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch
 
     assert hashes(killed) == hashes(full)
     assert json.loads((killed / "best.json").read_text()) == json.loads((full / "best.json").read_text())
+
+
+PAPER_TASKS = ["sglue_rte", "wic", "wsc", "boolq", "cb", "record", "drop", "squad_completion", "squadv2", "copa",
+               "multirc"]
+PAPER_SHAPES = {"mistralai/Mixtral-8x7B-Instruct-v0.1": (32, 8, 2), "Qwen/Qwen1.5-MoE-A2.7B": (24, 60, 4)}
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (eep.conf_dir() / "experiment").glob("*.yaml")))
+def test_paper_presets_compose_and_validate_offline(experiment):
+    """The model itself needs the hub: its published shape (layers, experts, top-k) stands in for its config."""
+    from eep.evaluate.reference import manager_for
+    from eep.search.run import check_settings
+
+    manager_for(PAPER_TASKS)  # every paper task is a task of lm-eval itself
+    for task in PAPER_TASKS:
+        cfg = config([f"+experiment={experiment}", f"task={task}"])
+        assert cfg.task.names == [task] and cfg.model.device == "cuda"
+        assert cfg.search.prune_budget == 100 and cfg.search.merge_budget == 300
+        app._check_optimizers(cfg)
+    kept, top_k, groups = check_settings(cfg, *PAPER_SHAPES[cfg.model.path])
+    assert kept == cfg.search.num_experts and len(groups) == PAPER_SHAPES[cfg.model.path][0]
