@@ -118,3 +118,18 @@ def test_paper_presets_compose_and_validate_offline(experiment):
         app._check_optimizers(cfg)
     kept, top_k, groups = check_settings(cfg, *PAPER_SHAPES[cfg.model.path])
     assert kept == cfg.search.num_experts and len(groups) == PAPER_SHAPES[cfg.model.path][0]
+
+
+def test_eep_export_rewrites_a_runs_genomes(tmp_path, capsys):
+    from eep.cli.export import main as export_main
+
+    run_dir = tmp_path / "run"
+    app.run(config(TINY), run_dir)
+    rows = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    assert export_main([str(run_dir), "--out", str(tmp_path / "best")]) == 0
+    assert (tmp_path / "best" / "config.json").is_file()
+    assert export_main([str(run_dir), "--genome", rows[0]["genome_hash"]]) == 0
+    assert (run_dir / f"export-{rows[0]['genome_hash']}" / "model.safetensors").is_file()
+    assert export_main([str(run_dir), "--genome", "0000"]) == 2
+    assert "genome 0000 is not among the evaluations" in capsys.readouterr().err
+    assert export_main([str(tmp_path)]) == 2
