@@ -46,13 +46,16 @@ def test_every_config_group_entry_composes():
 def test_a_tiny_search_writes_its_outputs_and_a_finished_run_changes_nothing(tmp_path, capsys):
     run_dir = tmp_path / "run"
     report = app.run(config(TINY), run_dir)
-    for name in ("evaluations.jsonl", "best.json", "report.json", "report.md", "curve.png", "eep_config.yaml",
+    for name in ("evaluations.jsonl", "best.json", "report.json", "report.md", "curve.png", "usage.png",
+                 "eep_config.yaml",
                  "model/config.json", "model/README.md"):
         assert (run_dir / name).is_file(), name
     rows = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
     assert len(rows) == report["evaluations"] == 7 and len({r["genome_hash"] for r in rows}) == 7
     assert report["test"]["best_in_place"] == report["test"]["best_exported"] or not report["export"]["exact"]
     assert 0 <= report["test"]["full"] <= 1 and report["experts"] == {"before": 32, "after": 8}
+    gen = report["generation"]
+    assert gen["exported"]["weight_bytes"] < gen["full"]["weight_bytes"] and gen["full"]["tokens_per_second"] > 0
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     assert app.run(config([*TINY, f"resume={run_dir}"]), run_dir) is None
     assert "is finished; nothing to do" in capsys.readouterr().out

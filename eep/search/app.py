@@ -134,6 +134,12 @@ def _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_se
                                   "scores": {"test": best_test}})
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=model.dtype).to(model.device).eval()
     exported_test = value(Evaluator(reloaded, tok, names, role="test", limit=ev.test_limit, **common).evaluate())
+    batch = F.calibration_tokens(validator, tok, n=32)
+    with mat.applied(best):
+        usage_after = F.expert_usage(model, mat.adapter, batch)
+    F.plot_usage(F.expert_usage(model, mat.adapter, batch), usage_after, run_dir / "usage.png")
+    gen_batch = F.calibration_tokens(validator, tok, n=32, padding_side="left")
+    speed = {"full": F.generation_speed(model, gen_batch), "exported": F.generation_speed(reloaded, gen_batch)}
     report = {
         "task": single or names, "model": str(cfg.model.path or cfg.model.name),
         "test_split": tester.plans[next(iter(tester.plans))]["test"].name, "test_limit": ev.test_limit,
@@ -144,7 +150,7 @@ def _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_se
         "top_k": {"before": mat.adapter.top_k, "after": best.top_k},
         "parameters": {"before": F.parameter_counts(model, mat.adapter),
                        "after": F.parameter_counts(model, mat.adapter, best.num_kept)},
-        "search_seconds": search_seconds, "evaluations": len(state.archive.entries),
+        "search_seconds": search_seconds, "evaluations": len(state.archive.entries), "generation": speed,
         "best_hash": best.content_hash(), "validation_candidates": picked["candidates"],
         "export": {"exact": exported.exact, "router_top_k_overlap": exported.router_top_k_overlap},
         "seed": cfg.seed, "versions": state.extra.get("versions"),

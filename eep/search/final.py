@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from eep.genome import Genome
@@ -27,11 +28,12 @@ def pick_final(archive: Archive, materializer, validator, n: int) -> tuple[Genom
     return best[3], {"candidates": table, "metrics": best[4].metrics, "fitness": best[0]}
 
 
-def calibration_tokens(evaluator, tokenizer, n: int = 64) -> dict:
-    """``{"input_ids", "attention_mask"}`` of the first ``n`` prompts the evaluator scores (for refitting gates)."""
+def calibration_tokens(evaluator, tokenizer, n: int = 64, padding_side: str = "right") -> dict:
+    """``{"input_ids", "attention_mask"}`` of the first ``n`` prompts the evaluator scores (for refitting gates;
+    left-padded for generation)."""
     texts = [inst.args[0] for reqs in evaluator.requests.values() for inst in reqs][:n]
     side = tokenizer.padding_side
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     tokenizer.padding_side = side
     device = next(evaluator.model.parameters()).device
@@ -90,6 +92,10 @@ def write_report(run_dir: Path, report: dict) -> None:
              f"| best (exported) | {t['best_exported']:.4f} | | {report['experts']['after']} | |", "",
              f"- test split: {report['test_split']}, limit {report['test_limit']}",
              f"- distinct evaluations: {report['evaluations']}, search time {report['search_seconds']:.0f} s",
+             f"- greedy generation: full {report['generation']['full']['tokens_per_second']:.0f} tokens/s, exported "
+             f"{report['generation']['exported']['tokens_per_second']:.0f} tokens/s; weights "
+             f"{report['generation']['full']['weight_bytes'] / 2**20:.1f} -> "
+             f"{report['generation']['exported']['weight_bytes'] / 2**20:.1f} MiB",
              f"- best genome: `{report['best_hash']}` (exact export: {report['export']['exact']})"]
     (run_dir / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -97,3 +103,64 @@ def write_report(run_dir: Path, report: dict) -> None:
 def first_metric(score, task: str) -> float:
     """The task's first metric from a Score (the value lm-eval reports)."""
     return next(iter(score.metrics[task].values()))
+
+
+def expert_usage(model, adapter, batch: dict) -> "torch.Tensor":
+    """``float[L, E]``: share of top-k selections per expert slot per MoE layer over the batch's real tokens."""
+    import torch
+
+    counts = torch.zeros(len(adapter.layers), adapter.num_experts)
+    keep = batch["attention_mask"].reshape(-1).bool().cpu()
+    handles = []
+    for layer in adapter.layers:
+        def hook(module, args, output, i=layer.index):
+            chosen = output[2].reshape(keep.shape[0], -1)[keep].reshape(-1).cpu()
+            counts[i] += torch.bincount(chosen, minlength=adapter.num_experts)[: adapter.num_experts].float()
+        handles.append(layer.router.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def plot_usage(before, after, path: Path) -> None:
+    """Two heat maps, MoE layers x expert slots: routing shares of the full model and of the chosen candidate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for ax, data, title in zip(axes, (before, after), ("full model", "chosen candidate")):
+        im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0)
+        ax.set_title(f"expert usage: {title}")
+        ax.set_xlabel("expert slot")
+    axes[0].set_ylabel("MoE layer")
+    fig.colorbar(im, ax=axes, shrink=0.8, label="share of top-k selections")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def generation_speed(model, batch: dict, new_tokens: int = 16) -> dict:
+    """Greedy generation throughput (new tokens per second) and memory: peak GPU bytes on CUDA, else weight bytes."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=model.generation_config.pad_token_id or 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    out = {"tokens_per_second": batch["input_ids"].shape[0] * new_tokens / seconds}
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    out["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    return out
