@@ -44,6 +44,8 @@ class Recipe:
     aux_loss: float = 0.01
     seed: int = 0
     rope_theta: float = 10000.0  # Mixtral's default (1e6) leaves 64-token sequences almost without position signal
+    down_init_scale: float = 1.0  # multiplies the initial experts.down_proj (smaller MoE outputs at the start)
+    o_init_scale: float = 1.0     # multiplies the initial attention o_proj
     # training-time sampling weight per skill (harder skills more often)
     weights: dict[str, float] = field(default_factory=lambda: {
         "add": 2.0, "reverse": 1.0, "sort": 1.0, "copy": 0.5, "lookup": 2.0, "count": 2.0})
@@ -51,8 +53,9 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "skills-mixtral": Recipe("mixtral", hidden=128, intermediate=192, layers=4, heads=4, experts=8, top_k=2,
-                             steps=6000, weights={"add": 2.0, "reverse": 1.0, "sort": 1.0, "copy": 0.5,
-                                                  "lookup": 3.0, "count": 2.0}),
+                             steps=6000, down_init_scale=0.1,
+                             weights={"add": 2.0, "reverse": 1.0, "sort": 1.0, "copy": 0.5, "lookup": 3.0,
+                                      "count": 2.0}),
     "skills-olmoe": Recipe("olmoe", hidden=128, intermediate=64, layers=4, heads=4, experts=32, top_k=4,
                            steps=6000),
 }
@@ -138,6 +141,7 @@ def train(name: str, recipe: Recipe, out: Path | None, threads: int, check_every
     tok = build_tokenizer()
     model = AutoModelForCausalLM.from_config(build_config(recipe, len(tok), tok.pad_token_id, tok.eos_token_id),
                                              dtype=torch.float32)
+    scale_init(model, recipe)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98), weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, recipe))
     batcher = Batcher(recipe, tok)
@@ -160,6 +164,16 @@ def train(name: str, recipe: Recipe, out: Path | None, threads: int, check_every
     if out is not None:
         save(model, tok, out, log)
     return log
+
+
+@torch.no_grad()
+def scale_init(model, recipe: Recipe) -> None:
+    """Scale the freshly initialised output projections of the experts and the attention (1.0: unchanged)."""
+    for name, param in model.named_parameters():
+        if name.endswith("experts.down_proj") and recipe.down_init_scale != 1.0:
+            param.mul_(recipe.down_init_scale)
+        if name.endswith("self_attn.o_proj.weight") and recipe.o_init_scale != 1.0:
+            param.mul_(recipe.o_init_scale)
 
 
 def train_step(model, opt, sched, batcher: Batcher) -> float:
@@ -203,20 +217,28 @@ def save(model, tok, out: Path, log: dict) -> None:
     (out / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
 
 
+def with_overrides(recipe: Recipe, items: list[str]) -> Recipe:
+    """``recipe`` with ``KEY=VALUE`` overrides of its scalar fields, typed like the fields."""
+    changes = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        current = getattr(recipe, key, None)
+        if current is None or isinstance(current, dict) or not value:
+            fields = [k for k, v in asdict(recipe).items() if not isinstance(v, dict)]
+            raise SystemExit(f"--set {item!r}: use KEY=VALUE with KEY one of {', '.join(fields)}")
+        changes[key] = type(current)(value)
+    return replace(recipe, **changes)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("name", choices=sorted(RECIPES))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=None, help="override the recipe's step count")
-    parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
-    parser.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
-    for key in ("layers", "heads", "intermediate"):
-        parser.add_argument(f"--{key}", type=int, default=None, help=f"override the recipe's {key}")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set steps=100 --set lr=0.002 (repeatable)")
     args = parser.parse_args(argv)
-    overrides = {k: getattr(args, k) for k in ("steps", "lr", "seed", "layers", "heads", "intermediate")
-                 if getattr(args, k) is not None}
-    recipe = replace(RECIPES[args.name], **overrides)
+    recipe = with_overrides(RECIPES[args.name], args.set)
     command = "python -m eep.zoo.train " + " ".join(sys.argv[1:] if argv is None else argv)
     log = train(args.name, recipe, args.out, args.threads, command=command)
     print(f"saved {args.name} to {args.out} after {log['wall_seconds']} s")
