@@ -138,9 +138,10 @@ def plot_usage(before, after, path: Path) -> None:
         im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0)
         ax.set_title(f"expert usage: {title}")
         ax.set_xlabel("expert slot")
+        ax.set_yticks(range(data.shape[0]))
     axes[0].set_ylabel("MoE layer")
     fig.colorbar(im, ax=axes, shrink=0.8, label="share of top-k selections")
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
