@@ -18,6 +18,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -119,22 +120,27 @@ class Genome:
         g = self.group_of(layer)
         return self.router_map[g], self.merge[g]
 
+    @cached_property
+    def _kept_per_group(self) -> tuple[tuple[int, ...] | None, ...]:
+        """Per group: the sorted kept experts if it is a pruning group (one-hot rows, ``W_RM == W_EM``), else None."""
+        m = self.merge
+        one_hot = ((m == 0) | (m == 1)).all(dim=2) & (m.sum(dim=2) == 1)
+        pruning = one_hot.all(dim=1) & (m == self.router_map).flatten(1).all(dim=1)
+        kept = m.argmax(dim=2).tolist()
+        return tuple(tuple(sorted(k)) if p else None for k, p in zip(kept, pruning.tolist()))
+
     def is_pruning_group(self, g: int) -> bool:
         """Every row of ``W_EM[g]`` one-hot and ``W_RM[g] == W_EM[g]``."""
-        m = self.merge[g]
-        one_hot = bool(((m == 0) | (m == 1)).all()) and bool((m.sum(1) == 1).all())
-        return one_hot and torch.equal(m, self.router_map[g])
+        return self._kept_per_group[g] is not None
 
     @property
     def is_pruning(self) -> bool:
-        return all(self.is_pruning_group(g) for g in range(len(self.groups)))
+        return all(k is not None for k in self._kept_per_group)
 
     def kept(self, layer: int) -> list[int] | None:
         """Sorted expert indices that MoE layer ``layer`` keeps, or None if its group is not a pruning group."""
-        g = self.group_of(layer)
-        if not self.is_pruning_group(g):
-            return None
-        return sorted(int(i) for i in self.merge[g].argmax(1))
+        kept = self._kept_per_group[self.group_of(layer)]
+        return None if kept is None else list(kept)
 
     def used_experts(self, layer: int) -> torch.Tensor:
         """``bool[E]``: experts that some row of ``W_RM`` uses (the others are masked out of routing)."""
@@ -185,12 +191,16 @@ class Genome:
             out.append(torch.tensor(sorted(rows), dtype=torch.float32))
         return out
 
-    def content_hash(self) -> str:
-        """SHA-256 (hex, 16 chars) of the canonical layers and top-k'; equal for equal models."""
+    @cached_property
+    def _hash(self) -> str:
         h = hashlib.sha256(f"E={self.num_experts};k={self.top_k};".encode())
         for rows in self.canonical_layers():
             h.update(rows.numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def content_hash(self) -> str:
+        """SHA-256 (hex, 16 chars) of the canonical layers and top-k'; equal for equal models."""
+        return self._hash
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
