@@ -66,6 +66,7 @@ class Materializer:
         self.merged: dict[int, torch.Tensor] = {}                      # layer -> W_EM written into its slots
         self.genome: Genome | None = None
         self.remerged_layers = 0                                       # layers re-merged by the last apply
+        self.installed: dict[int, tuple | None] = {}                   # layer -> (kept, top_k) of its pruned route
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -77,20 +78,29 @@ class Materializer:
         self.adapter.validate(genome)
         self.remerged_layers = 0
         for layer in self.layers:
-            router_map, merge = genome.layer(layer.index)
             kept = genome.kept(layer.index)
-            device = layer.router.weight.device
             if kept is not None:
                 self._unmerge(layer)
-                idx = torch.tensor(kept, device=device)
-                buffers = {b: getattr(layer.router, b)[idx] for b in self.adapter.router_buffers}
-                route = _Route(genome.top_k, idx, weight=layer.router.weight[idx], buffers=buffers)
+                key = (tuple(kept), genome.top_k)
+                if self.installed.get(layer.index) != key:  # unchanged layers are left as they are
+                    self._install(layer, self._pruned_route(layer, kept, genome.top_k), key)
             else:
+                router_map, merge = genome.layer(layer.index)
                 self._merge(layer, merge)
+                device = layer.router.weight.device
                 route = _Route(genome.top_k, torch.arange(genome.num_kept, device=device),
                                router_map=router_map.to(device), used=genome.used_experts(layer.index).to(device))
-            layer.router.forward = _patched_forward(self.adapter, layer.router, route)
+                self._install(layer, route, None)
         self.genome = genome
+
+    def _pruned_route(self, layer: MoELayer, kept: list[int], top_k: int) -> _Route:
+        idx = torch.tensor(kept, device=layer.router.weight.device)
+        buffers = {b: getattr(layer.router, b)[idx] for b in self.adapter.router_buffers}
+        return _Route(top_k, idx, weight=layer.router.weight[idx], buffers=buffers)
+
+    def _install(self, layer: MoELayer, route: _Route, key) -> None:
+        layer.router.forward = _patched_forward(self.adapter, layer.router, route)
+        self.installed[layer.index] = key
 
     @contextmanager
     def applied(self, genome: Genome):
@@ -111,6 +121,7 @@ class Materializer:
         for layer in self.layers:
             self._unmerge(layer)
             layer.router.__dict__.pop("forward", None)
+        self.installed.clear()
         self.genome = None
 
     # ------------------------------------------------------------------ expert slots

@@ -201,3 +201,15 @@ def test_merged_export_refits_gates_and_reports_agreement(tokens, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32)
     assert reloaded.config.num_local_experts == 4
     assert mat.genome is None  # the live model was left as it was found
+
+
+def test_consecutive_pruning_candidates_reroute_only_changed_layers(tokens):
+    model = build_tiny("mixtral")
+    mat = Materializer(model)
+    mat.apply(Genome.pruning([[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]], 8, 2))
+    before = [layer.router.forward for layer in mat.layers]
+    mat.apply(Genome.pruning([[0, 1, 2, 3], [1, 5, 6, 7], [0, 2, 4, 6]], 8, 2))
+    after = [layer.router.forward for layer in mat.layers]
+    assert after[0] is before[0] and after[2] is before[2] and after[1] is not before[1]
+    reference = physically_pruned(model, [[0, 1, 2, 3], [1, 5, 6, 7], [0, 2, 4, 6]], 2)
+    torch.testing.assert_close(logits(model, tokens), logits(reference, tokens), atol=1e-5, rtol=0)
