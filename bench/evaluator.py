@@ -108,7 +108,10 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--candidates", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = eep.zoo.path(args.model)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
