@@ -107,6 +107,8 @@ def card_lines(name, model, scores, counts, usage, train_log) -> list[str]:
               f"- seed {r['seed']}, {r['steps']} steps of batch {r['batch']}, AdamW lr {r['lr']} "
               f"(warm-up {r['warmup']}, cosine to 5%), loss on answer tokens + {r['aux_loss']} x router load-balancing loss",
               f"- skill sampling weights: {r['weights']}",
+              f"- rope theta {r.get('rope_theta', 10000.0):g}; initial expert down-projections x"
+              f"{r.get('down_init_scale', 1.0):g}, attention output projections x{r.get('o_init_scale', 1.0):g}",
               f"- wall time {train_log['wall_seconds'] / 60:.1f} min ({train_log['seconds_per_step']} s/step) with "
               f"{train_log['threads']} torch thread(s) on {train_log['machine']}, a 2-core machine that ran the "
               f"shipped models' training runs side by side (one thread each)",
