@@ -128,7 +128,7 @@ def _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_se
     full_val, full_test = value(validator.evaluate()), value(tester.evaluate())
     with mat.applied(best):
         best_test = value(tester.evaluate())
-    calibration = None if best.is_pruning else F.calibration_tokens(validator, tok)
+    calibration = None if best.is_pruning else F.calibration_tokens(validator, tok, n=256)
     exported = export(model, best, run_dir / "model", tok, materializer=mat, calibration=calibration,
                       provenance={"base_model": mat.model.config._name_or_path, "method": "eep",
                                   "scores": {"test": best_test}})
@@ -138,7 +138,7 @@ def _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_se
     with mat.applied(best):
         usage_after = F.expert_usage(model, mat.adapter, batch)
     F.plot_usage(F.expert_usage(model, mat.adapter, batch), usage_after, run_dir / "usage.png")
-    gen_batch = F.calibration_tokens(validator, tok, n=32, padding_side="left")
+    gen_batch = F.calibration_tokens(validator, tok, n=32, padding_side="left", prompts_only=True)
     speed = {"full": F.generation_speed(model, gen_batch), "exported": F.generation_speed(reloaded, gen_batch)}
     report = {
         "task": single or names, "model": str(cfg.model.path or cfg.model.name),

@@ -28,10 +28,24 @@ def pick_final(archive: Archive, materializer, validator, n: int) -> tuple[Genom
     return best[3], {"candidates": table, "metrics": best[4].metrics, "fitness": best[0]}
 
 
-def calibration_tokens(evaluator, tokenizer, n: int = 64, padding_side: str = "right") -> dict:
-    """``{"input_ids", "attention_mask"}`` of the first ``n`` prompts the evaluator scores (for refitting gates;
-    left-padded for generation)."""
-    texts = [inst.args[0] for reqs in evaluator.requests.values() for inst in reqs][:n]
+def _document_text(evaluator, inst) -> str:
+    """A request's context with its continuation (loglikelihood) or its reference answer (generation)."""
+    if inst.request_type == "loglikelihood":
+        return inst.args[0] + inst.args[1]
+    task = evaluator.tasks[inst.task_name]
+    target = task.doc_to_target(inst.doc)
+    if isinstance(target, int) and task.config.doc_to_choice is not None:
+        target = task.doc_to_choice(inst.doc)[target]
+    return inst.args[0] + (target[0] if isinstance(target, list) else str(target))
+
+
+def calibration_tokens(evaluator, tokenizer, n: int = 64, padding_side: str = "right",
+                       prompts_only: bool = False) -> dict:
+    """``{"input_ids", "attention_mask"}`` of the first ``n`` documents the evaluator scores, with their answers
+    (so that refit gates see the positions where answers are generated); ``prompts_only`` and left padding for
+    generation."""
+    insts = [inst for reqs in evaluator.requests.values() for inst in reqs][:n]
+    texts = [inst.args[0] if prompts_only else _document_text(evaluator, inst) for inst in insts]
     side = tokenizer.padding_side
     tokenizer.padding_side = padding_side
     enc = tokenizer(texts, return_tensors="pt", padding=True)
