@@ -1,9 +1,7 @@
 """``eep-search``: the Hydra app that runs (or resumes) an EEP search. See conf/eep_search.yaml."""
 from __future__ import annotations
 
-import logging
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -11,8 +9,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import eep
 from eep.search import run as R
-
-log = logging.getLogger("eep.search")
 
 
 def _redirect_resume(argv: list[str]) -> list[str]:
@@ -35,7 +31,7 @@ def _effective_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     saved = OmegaConf.load(run_dir / R.CONFIG)
     from hydra.core.hydra_config import HydraConfig
 
-    extra = [o for o in HydraConfig.get().overrides.task if not o.split("=")[0] in ("resume", "resume_force")]
+    extra = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] not in ("resume", "resume_force")]
     merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra)) if extra else saved
     merged.resume, merged.resume_force = cfg.resume, cfg.resume_force
     return merged
@@ -50,10 +46,7 @@ def app(cfg: DictConfig) -> None:
         from eep.search.app import run
 
         run(_effective_config(cfg, run_dir), run_dir)
-    except (R.UserError, FileNotFoundError, FileExistsError) as err:
-        print(f"eep-search: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except ValueError as err:  # validation errors of genomes, tasks, optimisers: user-facing too
+    except (ValueError, FileNotFoundError, FileExistsError) as err:  # user errors: settings, tasks, genomes, folders
         print(f"eep-search: error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -6,6 +6,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from eep.genome import Genome
 from eep.search.proposers import Archive
 
@@ -119,9 +121,8 @@ def first_metric(score, task: str) -> float:
     return next(iter(score.metrics[task].values()))
 
 
-def expert_usage(model, adapter, batch: dict) -> "torch.Tensor":
+def expert_usage(model, adapter, batch: dict) -> torch.Tensor:
     """``float[L, E]``: share of top-k selections per expert slot per MoE layer over the batch's real tokens."""
-    import torch
 
     counts = torch.zeros(len(adapter.layers), adapter.num_experts)
     keep = batch["attention_mask"].reshape(-1).bool().cpu()
@@ -161,7 +162,6 @@ def plot_usage(before, after, path: Path) -> None:
 
 def generation_speed(model, batch: dict, new_tokens: int = 16) -> dict:
     """Greedy generation throughput (new tokens per second) and memory: peak GPU bytes on CUDA, else weight bytes."""
-    import torch
 
     device = next(model.parameters()).device
     if device.type == "cuda":
