@@ -52,8 +52,7 @@ def check_settings(cfg: DictConfig, num_layers: int, num_experts: int, model_top
     if not isinstance(kept, int) or not 1 <= kept <= num_experts:
         raise UserError(f"search.num_experts={kept!r}: must be an integer between 1 and the model's {num_experts} "
                         f"experts")
-    top_k = model_top_k if s.top_k is None else s.top_k
-    top_k = min(top_k, kept) if s.top_k is None else top_k
+    top_k = min(model_top_k, kept) if s.top_k is None else s.top_k
     if not isinstance(top_k, int) or not 1 <= top_k <= kept:
         raise UserError(f"search.top_k={s.top_k!r}: must be an integer between 1 and search.num_experts={kept}")
     for key in ("prune_budget", "merge_budget", "final_candidates"):
