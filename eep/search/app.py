@@ -102,7 +102,7 @@ def _run(cfg: DictConfig, run_dir: Path, kept: int, top_k: int, groups, state=No
         return state.plan[min(state.phase_index, len(state.plan) - 1)].name
 
     start = time.time()
-    with _progress(cfg, state) as bar:
+    with _progress(state) as bar:
         state = R.search(state, R.make_evaluate(mat, searcher, rows, phase), run_dir, cfg.search.time_limit,
                          progress=bar)
     search_seconds = time.time() - start
@@ -175,7 +175,7 @@ def _print_summary(report: dict) -> None:
 class _progress:
     """A tqdm bar over distinct evaluations showing phase and best fitness (also a ``progress`` callback)."""
 
-    def __init__(self, cfg: DictConfig, state):
+    def __init__(self, state):
         from tqdm import tqdm
 
         total = sum(p.budget for p in state.plan)
