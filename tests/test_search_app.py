@@ -136,3 +136,35 @@ def test_eep_export_rewrites_a_runs_genomes(tmp_path, capsys):
     assert export_main([str(run_dir), "--genome", "0000"]) == 2
     assert "genome 0000 is not among the evaluations" in capsys.readouterr().err
     assert export_main([str(tmp_path)]) == 2
+
+
+def test_cli_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_path):
+    """A real ``eep-search`` process is SIGKILLed after a few evaluations; ``eep-search resume=<folder>`` finishes
+    it with the same evaluated genomes and best as an uninterrupted run."""
+    import signal
+    import time
+
+    full = tmp_path / "full"
+    app.run(config(TINY), full)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "eep.cli.search", *TINY]
+    proc = subprocess.Popen([*cmd, f"hydra.run.dir={killed}"], env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rows, deadline = killed / "evaluations.jsonl", time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if rows.exists() and len(rows.read_text().splitlines()) >= 3:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = subprocess.run([sys.executable, "-m", "eep.cli.search", f"resume={killed}"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True)  # the documented resume: no other argument
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def hashes(folder):
+        return [json.loads(line)["genome_hash"] for line in (folder / "evaluations.jsonl").read_text().splitlines()]
+
+    assert hashes(killed) == hashes(full)
+    assert json.loads((killed / "best.json").read_text()) == json.loads((full / "best.json").read_text())

@@ -32,7 +32,11 @@ def _effective_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     from hydra.core.hydra_config import HydraConfig
 
     extra = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] not in ("resume", "resume_force")]
-    merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra)) if extra else saved
+    keys = [o.split("=")[0].lstrip("+~") for o in extra]
+    if all("." in k or (k in saved and not OmegaConf.is_dict(saved[k])) for k in keys):
+        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra)) if extra else saved
+    else:  # config-group selections (model=..., +experiment=...): the freshly composed config stands for them
+        merged = OmegaConf.create(OmegaConf.to_container(cfg))
     merged.resume, merged.resume_force = cfg.resume, cfg.resume_force
     return merged
 
