@@ -31,6 +31,7 @@ def export_run(run_dir: Path, genome_hash: str | None, out: Path | None) -> Path
     from eep.export import export
     from eep.materialize import Materializer
     from eep.models import ModelConfig, load_model
+    from eep.search.app import task_names
     from eep.search.final import calibration_tokens
     from eep.search.run import CONFIG
 
@@ -43,8 +44,7 @@ def export_run(run_dir: Path, genome_hash: str | None, out: Path | None) -> Path
     mat = Materializer(model)
     calibration = None
     if not genome.is_pruning:
-        names = list(cfg.task.names)
-        paths = (str(cfg.task.include_path),) if cfg.task.include_path else ()
+        names, paths = task_names(cfg)
         ev = Evaluator(model, tok, names, role="validation", limit=64, include_paths=paths)
         calibration = calibration_tokens(ev, tok)
     result = export(model, genome, out, tok, materializer=mat, calibration=calibration,

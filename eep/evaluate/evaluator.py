@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from eep.evaluate.reference import manager_for
+from eep.evaluate.reference import flat_metrics, manager_for
 from eep.evaluate.splits import ROLES, SplitRef, plan_splits
 
 log = logging.getLogger(__name__)
@@ -169,10 +169,7 @@ class Evaluator:
                for name, t in self.tasks.items()}
         for name, task in self.tasks.items():
             self._collect(name, task, acc[name]["raw_metrics"])
-        results = _process_results(acc, self.groups, bootstrap_iters=0)._to_eval_results()["results"]
-        return {task: {k.split(",")[0]: float(v) for k, v in res.items()
-                       if "," in k and "stderr" not in k and isinstance(v, (int, float))}
-                for task, res in results.items()}
+        return flat_metrics(_process_results(acc, self.groups, bootstrap_iters=0)._to_eval_results()["results"])
 
     def _collect(self, name: str, task, raw: dict) -> None:
         """Per-document metrics, as ``lm_eval.evaluator.evaluate`` computes them."""

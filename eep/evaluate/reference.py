@@ -57,7 +57,13 @@ def simple_scores(model, tokenizer, tasks: list[str], limit: int | None = None, 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                   log_samples=False, bootstrap_iters=0)
+    return flat_metrics(out["results"])
+
+
+def flat_metrics(results: dict) -> dict[str, dict[str, float]]:
+    """lm-eval's ``results`` (``{task: {"metric,filter": value, ...}}``) as ``{task: {metric: value}}``, stderr
+    and non-numeric entries dropped."""
     return {task: {k.split(",")[0]: float(v) for k, v in res.items()
                    if "," in k and "stderr" not in k and isinstance(v, (int, float))}
-            for task, res in out["results"].items()}
+            for task, res in results.items()}
 

@@ -14,7 +14,8 @@ from eep.search import run as R
 log = logging.getLogger("eep.search")
 
 
-def _tasks(cfg: DictConfig) -> tuple[list[str], tuple[str, ...]]:
+def task_names(cfg: DictConfig) -> tuple[list[str], tuple[str, ...]]:
+    """The task config's lm-eval task names and include paths."""
     names = list(cfg.task.names)
     paths = (str(cfg.task.include_path),) if cfg.task.include_path else ()
     return names, paths
@@ -52,7 +53,7 @@ def validate(cfg: DictConfig):
     """Everything checkable before the weights load: tasks, optimisers, counts against the model's config."""
     from eep.evaluate.reference import manager_for
 
-    names, paths = _tasks(cfg)
+    names, paths = task_names(cfg)
     manager_for(names, paths)
     _check_optimizers(cfg)
     adapter, layers, experts, top_k = _shape(cfg)
@@ -85,7 +86,7 @@ def _run(cfg: DictConfig, run_dir: Path, kept: int, top_k: int, groups, state=No
     model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
     model, tok = load_model(model_cfg)
     mat = Materializer(model)
-    names, paths = _tasks(cfg)
+    names, paths = task_names(cfg)
     ev = cfg.evaluator
     overrides = {"search": cfg.task.search_split, "validation": cfg.task.validation_split,
                  "test": cfg.task.report_split}
