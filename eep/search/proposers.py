@@ -1,14 +1,17 @@
-"""Sources of candidates for one search phase: the EEP strategy, or any nevergrad registry optimiser.
+"""Sources of candidates for one search phase: nevergrad optimisers over one genome encoding, the EEP strategy
+(``EEPOptimizer``, a nevergrad optimiser of eep's own) or any nevergrad registry optimiser.
 
-A proposer ``ask()``s a genome and is ``tell()``-ed its fitness (maximised). The archive of evaluated genomes is
-shared; a proposer that asks a genome already in the archive is told its recorded fitness instead of evaluating it
-again (the EEP strategy re-draws such children itself).
+A proposer ``ask()``s a genome and is ``tell()``-ed its fitness (maximised; the optimiser is told ``-fitness``).
+Several asks may be outstanding before their tells. The archive of evaluated genomes is shared by the phases; a
+proposer that asks a genome already in the archive is told its recorded fitness instead of evaluating it again (the
+EEP strategy re-draws such children itself).
 """
 from __future__ import annotations
 
 import difflib
 import random
 
+import nevergrad as ng
 import numpy as np
 import torch
 
@@ -44,101 +47,34 @@ class Archive:
         return max(self.scored(), key=lambda item: item[0])
 
 
-class _EEP:
-    """Shared by both EEP phases: draw children until one is new to the archive."""
+class Codec:
+    """The nevergrad value of a phase's genomes; every value decodes to a valid genome.
 
-    archive: Archive
-    redraws: int
-
-    def _draw(self) -> Genome:
-        raise NotImplementedError
-
-    def ask(self) -> Genome:
-        for _ in range(self.redraws):
-            genome = self._draw()
-            if genome not in self.archive:
-                return genome
-        return genome  # the reachable space is exhausted: the loop reuses the recorded fitness
-
-    def tell(self, genome: Genome, fitness: float) -> None:
-        """The archive is the population: nothing to update."""
-
-
-class EEPPruning(_EEP):
-    """Pruning phase: ``population`` random subsets, then children of near-best parents (duplicates re-drawn)."""
-
-    def __init__(self, archive: Archive, groups, num_experts: int, num_kept: int, top_k: int, seed: int,
-                 settings: EEPSettings | None = None, expert_groups: int = 1, redraws: int = 1000):
-        self.archive, self.groups, self.settings = archive, tuple(groups), settings or EEPSettings()
-        self.num_experts, self.num_kept, self.top_k = num_experts, num_kept, top_k
-        self.expert_groups, self.redraws = expert_groups, redraws
-        self.rng = random.Random(seed)
-
-    def _genome(self, kept) -> Genome:
-        return Genome.pruning(kept, self.num_experts, self.top_k, self.groups)
-
-    def _draw(self) -> Genome:
-        if self.archive.count("prune") < self.settings.population:
-            return self._genome(random_subsets(len(self.groups), self.num_experts, self.num_kept, self.rng,
-                                               self.expert_groups))
-        parent = self.rng.choice(parents(self.archive.scored("prune"), self.settings.parent_margin))
-        kept = [parent.kept(g[0]) for g in self.groups]
-        return self._genome(mutate_subsets(kept, self.num_experts, self.settings, self.rng, self.expert_groups))
-
-
-class EEPMerging(_EEP):
-    """Merging phase: children of near-best archive members by Gaussian noise or row crossover."""
-
-    def __init__(self, archive: Archive, seed: int, settings: EEPSettings | None = None, redraws: int = 1000):
-        self.archive, self.settings, self.redraws = archive, settings or EEPSettings(), redraws
-        self.rng = random.Random(seed)
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def _draw(self) -> Genome:
-        s, scored = self.settings, self.archive.scored()
-        if self.rng.random() < s.crossover:
-            pool = parents(scored, s.crossover_margin, s.crossover_min_parents)
-            if len(pool) >= 2:
-                a, b = self.rng.sample(pool, 2)
-                return crossover(a, b, s, self.gen)
-        return mutate_matrices(self.rng.choice(parents(scored, s.parent_margin)), s, self.gen)
-
-
-def nevergrad_optimizer(name: str, parametrization, budget: int | None, seed: int):
-    """The registry optimiser ``name`` (an unknown name is a ValueError that suggests close names)."""
-    import nevergrad as ng
-
-    registry = ng.optimizers.registry
-    if name not in registry:
-        close = difflib.get_close_matches(name, list(registry), n=5, cutoff=0.5)
-        hint = f" Close names: {', '.join(close)}." if close else ""
-        raise ValueError(f"unknown nevergrad optimizer {name!r}.{hint} Any name of nevergrad's registry works "
-                         f"({len(registry)} names), or optimizer=eep.")
-    parametrization.random_state = np.random.RandomState(seed)
-    return registry[name](parametrization=parametrization, budget=budget)
-
-
-class NevergradProposer:
-    """Any nevergrad optimiser; it minimises, so it is told ``-fitness``.
-
-    Encodings that always give valid genomes: pruning, ``scores: float[G, E]`` -> each group keeps its ``E'``
-    highest-scoring experts (per expert block with ``expert_groups`` > 1); merging, ``float[G, 2, E', E]`` around
-    the best genome so far, ``W_RM`` clamped at 0.
+    Pruning: ``scores: float[G, E]``, each layer group keeps its ``E'`` highest-scoring experts (the same number in
+    each of ``expert_groups`` contiguous blocks, for DeepSeek). Merging: ``float[G * 2 * E' * E]``, the flattened
+    ``(W_RM, W_EM)`` pairs, ``W_RM`` clamped at 0 (a row clamped to all zeros takes the template's row back).
+    ``template`` fixes shapes, groups and ``top_k'`` (for merging, the start point).
     """
 
-    def __init__(self, name: str, phase: str, template: Genome, seed: int, budget: int | None = None,
-                 expert_groups: int = 1, sigma: float = 0.065):
-        import nevergrad as ng
-
+    def __init__(self, phase: str, template: Genome, expert_groups: int = 1):
         self.phase, self.template, self.expert_groups = phase, template, expert_groups
-        if phase == "prune":
-            param = ng.p.Array(shape=(len(template.groups), template.num_experts))
-        else:
-            param = ng.p.Array(init=template.to_vector().numpy().astype(np.float64)).set_mutation(sigma=sigma)
-        self.optimizer = nevergrad_optimizer(name, param, budget, seed)
-        self.pending: dict[str, list] = {}
 
-    def decode(self, value: np.ndarray) -> Genome:
+    def parametrization(self, sigma: float = 0.065):
+        t = self.template
+        if self.phase == "prune":
+            return ng.p.Array(shape=(len(t.groups), t.num_experts))
+        return ng.p.Array(init=t.to_vector().numpy().astype(np.float64)).set_mutation(sigma=sigma)
+
+    def encode(self, genome: Genome) -> np.ndarray:
+        """A value that decodes to ``genome`` (pruning: 1 at the kept experts, 0 elsewhere)."""
+        if self.phase == "merge":
+            return genome.to_vector().numpy().astype(np.float64)
+        scores = np.zeros((len(genome.groups), genome.num_experts))
+        for row, group in enumerate(genome.groups):
+            scores[row, genome.kept(group[0])] = 1.0
+        return scores
+
+    def decode(self, value) -> Genome:
         t = self.template
         if self.phase == "prune":
             return Genome.pruning([self._top(row) for row in np.asarray(value)], t.num_experts, t.top_k, t.groups)
@@ -154,9 +90,89 @@ class NevergradProposer:
         return sorted(int(b * size + i) for b in range(self.expert_groups)
                       for i in np.argsort(-scores[b * size:(b + 1) * size], kind="stable")[:per_block])
 
+
+class EEPOptimizer(ng.optimizers.base.Optimizer):
+    """The EEP evolutionary strategy (METHODS.md section 1) as a nevergrad optimiser over a ``Codec``'s
+    parametrization. Steady state: every told candidate joins the population (by content hash), parents are drawn
+    among its near-best members; a child equal to a told or pending genome is re-drawn (up to ``redraws`` times).
+
+    Pruning phase: ``settings.population`` random subsets, then re-pointing mutations. Merging phase: Gaussian noise or
+    row crossover of near-best members; the population is opened by telling it the archive (``tell`` of candidates it
+    did not ask, nevergrad's warm-start path).
+    """
+
+    def __init__(self, parametrization, budget: int | None = None, num_workers: int = 1, *, codec: Codec,
+                 settings: EEPSettings | None = None, seed: int = 0, redraws: int = 1000):
+        super().__init__(parametrization, budget=budget, num_workers=num_workers)
+        self.codec, self.settings, self.redraws = codec, settings or EEPSettings(), redraws
+        self.rng = random.Random(seed)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.population: dict[str, tuple[float, Genome]] = {}
+        self.pending: set[str] = set()
+
+    def _internal_ask_candidate(self):
+        for _ in range(self.redraws):
+            genome = self._draw()
+            key = genome.content_hash()
+            if key not in self.population and key not in self.pending:
+                break  # else: the reachable space is exhausted and the loop reuses the recorded fitness
+        self.pending.add(key)
+        return self.parametrization.spawn_child(new_value=self.codec.encode(genome))
+
+    def _internal_tell_candidate(self, candidate, loss: float) -> None:
+        genome = self.codec.decode(candidate.value)
+        self.pending.discard(genome.content_hash())
+        self.population.setdefault(genome.content_hash(), (-loss, genome))
+
+    def _draw(self) -> Genome:
+        return self._draw_pruning() if self.codec.phase == "prune" else self._draw_merging()
+
+    def _draw_pruning(self) -> Genome:
+        t, s, blocks = self.codec.template, self.settings, self.codec.expert_groups
+        if len(self.population) < s.population:
+            kept = random_subsets(len(t.groups), t.num_experts, t.num_kept, self.rng, blocks)
+        else:
+            parent = self.rng.choice(parents(list(self.population.values()), s.parent_margin))
+            kept = mutate_subsets([parent.kept(g[0]) for g in t.groups], t.num_experts, s, self.rng, blocks)
+        return Genome.pruning(kept, t.num_experts, t.top_k, t.groups)
+
+    def _draw_merging(self) -> Genome:
+        s, scored = self.settings, list(self.population.values())
+        if self.rng.random() < s.crossover:
+            pool = parents(scored, s.crossover_margin, s.crossover_min_parents)
+            if len(pool) >= 2:
+                a, b = self.rng.sample(pool, 2)
+                return crossover(a, b, s, self.gen)
+        return mutate_matrices(self.rng.choice(parents(scored, s.parent_margin)), s, self.gen)
+
+
+def nevergrad_optimizer(name: str, parametrization, budget: int | None, seed: int):
+    """The registry optimiser ``name`` (an unknown name is a ValueError that suggests close names)."""
+    registry = ng.optimizers.registry
+    if name not in registry:
+        close = difflib.get_close_matches(name, list(registry), n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        raise ValueError(f"unknown nevergrad optimizer {name!r}.{hint} Any name of nevergrad's registry works "
+                         f"({len(registry)} names), or optimizer=eep.")
+    parametrization.random_state = np.random.RandomState(seed)
+    return registry[name](parametrization=parametrization, budget=budget)
+
+
+class NevergradProposer:
+    """A nevergrad optimiser behind ask/tell of genomes: it minimises, so it is told ``-fitness``; every pending
+    candidate that decoded to a genome is told when that genome's fitness is known."""
+
+    def __init__(self, optimizer, codec: Codec):
+        self.optimizer, self.codec = optimizer, codec
+        self.pending: dict[str, list] = {}
+
+    @property
+    def phase(self) -> str:
+        return self.codec.phase
+
     def ask(self) -> Genome:
         candidate = self.optimizer.ask()
-        genome = self.decode(candidate.value)
+        genome = self.codec.decode(candidate.value)
         self.pending.setdefault(genome.content_hash(), []).append(candidate)
         return genome
 
@@ -164,16 +180,26 @@ class NevergradProposer:
         for candidate in self.pending.pop(genome.content_hash(), []):
             self.optimizer.tell(candidate, -fitness)
 
+    def seed(self, scored) -> None:
+        """Tell ``(fitness, genome)`` pairs the optimiser did not ask (a warm start)."""
+        for fitness, genome in scored:
+            candidate = self.optimizer.parametrization.spawn_child(new_value=self.codec.encode(genome))
+            self.optimizer.tell(candidate, -fitness)
+
 
 def make_proposer(name: str, phase: str, archive: Archive, template: Genome, seed: int,
-                  settings: EEPSettings | None = None, budget: int | None = None, expert_groups: int = 1):
+                  settings: EEPSettings | None = None, budget: int | None = None,
+                  expert_groups: int = 1) -> NevergradProposer:
     """``name='eep'`` for the EEP strategy, else a nevergrad registry name; ``template`` fixes shape and groups (for
-    merging: the best genome so far, around which a nevergrad optimiser starts)."""
+    merging: the best genome so far, around which a registry optimiser starts; the EEP strategy is told the whole
+    archive instead)."""
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}; choose one of {', '.join(PHASES)}")
-    if name == "eep":
-        if phase == "prune":
-            return EEPPruning(archive, template.groups, template.num_experts, template.num_kept, template.top_k,
-                              seed, settings, expert_groups)
-        return EEPMerging(archive, seed, settings)
-    return NevergradProposer(name, phase, template, seed, budget, expert_groups)
+    codec = Codec(phase, template, expert_groups)
+    param = codec.parametrization()
+    if name != "eep":
+        return NevergradProposer(nevergrad_optimizer(name, param, budget, seed), codec)
+    proposer = NevergradProposer(EEPOptimizer(param, codec=codec, settings=settings, seed=seed), codec)
+    if phase == "merge":
+        proposer.seed(archive.scored())
+    return proposer
