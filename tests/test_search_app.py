@@ -168,3 +168,16 @@ def test_cli_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tmp_pat
 
     assert hashes(killed) == hashes(full)
     assert json.loads((killed / "best.json").read_text()) == json.loads((full / "best.json").read_text())
+
+
+def test_cli_multirun_sweep_writes_one_finished_run_per_job_under_runs(tmp_path):
+    """``eep-search -m seed=1,2`` runs two searches with the basic launcher, in runs/multirun/<date>/<time>/<n>."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    small = [*TINY, "search.prune_budget=3", "search.merge_budget=0", "search.final_candidates=1"]
+    out = subprocess.run([sys.executable, "-m", "eep.cli.search", "-m", "seed=1,2", *small], env=env, cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = sorted((tmp_path / "runs" / "multirun").glob("*/*/*/report.json"))
+    assert [p.parent.name for p in reports] == ["0", "1"]
+    assert [json.loads(p.read_text())["seed"] for p in reports] == [1, 2]
+    assert out.stdout.count("eep (exported)") == 2
