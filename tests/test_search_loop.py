@@ -108,3 +108,50 @@ def test_eep_outstanding_asks_are_distinct(phase):
             fitness = float(g.merge[:, :, :4].sum())
             archive.add(g, fitness, phase)
             proposer.tell(g, fitness)
+
+
+class _Scripted:
+    """A proposer that asks a fixed sequence of subsets and records every tell."""
+
+    def __init__(self, subsets):
+        self.queue = [Genome.pruning([s], 8, 1) for s in subsets]
+        self.told = []
+
+    def ask(self):
+        return self.queue.pop(0)
+
+    def tell(self, genome, fitness):
+        self.told.append((genome.kept(0), fitness))
+
+
+class _Reversed:
+    """A pool whose results come back in the reverse order (as from workers that finish out of order)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def run(self, genomes, done):
+        self.batches.append([g.kept(0) for g in genomes])
+        for genome in reversed(genomes):
+            done(genome, subset_fitness(genome))
+
+
+def test_batches_are_committed_in_ask_order_whatever_order_results_arrive():
+    """ask_batch=3: an archived genome is told at once; a repeat of a pending one joins the batch (evaluated once,
+    told twice); results arriving in reverse order are added and told in ask order, as with a serial pool."""
+    subsets = [[0, 1], [2, 3], [0, 1], [4, 5], [6, 7], [0, 2], [2, 3], [1, 3]]
+    runs = []
+    for pool in (None, _Reversed()):
+        archive = Archive()
+        archive.add(Genome.pruning([[6, 7]], 8, 1), 0.25, "prune")
+        proposer = _Scripted(subsets)
+        evaluated = run_phase(proposer, archive, pool or subset_fitness, "prune", budget=6, ask_batch=3)
+        runs.append((evaluated, [g.kept(0) for _, g in archive.scored()], proposer.told))
+    assert runs[0] == runs[1]
+    evaluated, order, told = runs[0]
+    assert evaluated == 5 and order == [[6, 7], [0, 1], [2, 3], [4, 5], [0, 2], [1, 3]]
+    assert [kept for kept, _ in told] == [[0, 1], [2, 3], [0, 1], [4, 5],  # batch 1, committed in ask order
+                                          [6, 7], [2, 3],  # archived when asked: told at once
+                                          [0, 2], [1, 3]]  # batch 2 (the 2 left of the budget)
+    assert told[4] == ([6, 7], 0.25) and told[0][1] == told[2][1] == 0.5
+    assert pool.batches == [[[0, 1], [2, 3], [4, 5]], [[0, 2], [1, 3]]]

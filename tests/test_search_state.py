@@ -14,10 +14,10 @@ def fitness(genome: Genome) -> float:
     return sum(len({0, 1, 2, 3} & k) for k in kept) / 8 - float((genome.merge - TARGET).abs().mean()) / 10
 
 
-def new_state(prune: str, merge: str) -> SearchState:
+def new_state(prune: str, merge: str, ask_batch: int = 1) -> SearchState:
     return SearchState(plan=(Phase("prune", prune, 25), Phase("merge", merge, 15)),
                        template=Genome.pruning([[0, 1, 2, 3]] * 2, 8, 2), seed=7,
-                       settings=EEPSettings(population=8))
+                       settings=EEPSettings(population=8), ask_batch=ask_batch)
 
 
 class Killed(Exception):
@@ -47,6 +47,34 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(tmp_path, prune, merg
     assert seen == order
     assert resumed.archive.best()[1] == full.archive.best()[1]
     assert load_checkpoint(path).finished
+
+
+@pytest.mark.parametrize("prune, merge", [("eep", "eep"), ("NGOpt", "CMA")])
+def test_resume_mid_batch_evaluates_the_pending_asks_and_repeats_the_uninterrupted_run(tmp_path, prune, merge):
+    """ask_batch=2, killed while evaluating the second genome of a batch whose first result is back: the checkpoint
+    holds both asks and that result; the resumed run evaluates only the missing one and then goes on as before."""
+    order = []
+    full = run_plan(new_state(prune, merge, 2), lambda g: order.append(g.content_hash()) or fitness(g))
+    assert full.finished and len(order) == len(set(order)) == 40
+
+    seen, path = [], tmp_path / "state.pkl"
+
+    def dying(genome):
+        if len(seen) == 32:  # the 33rd evaluation: prune 12 x 2 + 1, merge 26-27, ..., 32-33: second of a batch
+            raise Killed
+        seen.append(genome.content_hash())
+        return fitness(genome)
+
+    with pytest.raises(Killed):
+        run_plan(new_state(prune, merge, 2), dying, checkpoint=lambda s: save_checkpoint(s, path))
+    state = load_checkpoint(path)
+    assert state.archive.count("merge") == 6 and len(state.batch.asks) == 2
+    assert list(state.batch.results) == [seen[-1]] and state.batch.asks[0].content_hash() == seen[-1]
+    resumed = run_plan(state, lambda g: seen.append(g.content_hash()) or fitness(g),
+                       checkpoint=lambda s: save_checkpoint(s, path))
+    assert seen == order
+    assert list(resumed.archive.entries) == list(full.archive.entries)
+    assert resumed.archive.best()[1] == full.archive.best()[1]
 
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):

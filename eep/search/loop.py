@@ -1,8 +1,30 @@
-"""The ask/tell loop of one search phase, with "never twice": a genome already evaluated is not evaluated again."""
+"""The ask/tell loop of one search phase, in batches, with "never twice": a genome already evaluated is not
+evaluated again.
+
+Ordering rule (what makes a parallel run equal a serial run with the same ``ask_batch``):
+
+1. **Ask.** A batch is formed by asking the proposer until it holds ``n = min(ask_batch, budget - evaluated so far)``
+   distinct genomes that are new to the archive. An ask whose genome is already in the archive is told its recorded
+   fitness at once (no evaluation, no budget); an ask repeating a genome already in the batch joins it (the genome
+   is evaluated once and both asks are told its fitness).
+2. **Evaluate.** The batch's distinct genomes are evaluated, one after another or concurrently on a pool of
+   workers, in any order; each result is kept by content hash as it comes back.
+3. **Commit.** When every result is back, the asks are taken **in ask order**: a new genome is added to the archive
+   (and reported to ``on_evaluated``), and every ask is told its fitness.
+
+The proposer therefore sees the same sequence of asks and tells whatever the number of workers and the order in which
+results arrive, and the archive (and ``evaluations.jsonl``) lists genomes in ask order. ``ask_batch=1`` is the plain
+serial loop: ask, evaluate, tell.
+
+Exact resume: the pending batch (its asks and the results back so far) lives in a :class:`Batch` that the search
+state holds and checkpoints after the asks, after every result and after the commit, so a run killed mid-batch loses
+only the evaluations in flight; resumed, it evaluates the missing ones of the *same* asks (never re-asks them).
+"""
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from eep.genome import Genome
 from eep.search.proposers import Archive
@@ -10,32 +32,128 @@ from eep.search.proposers import Archive
 log = logging.getLogger(__name__)
 
 
-def run_phase(proposer, archive: Archive, evaluate: Callable[[Genome], float], phase: str, budget: int,
-              on_evaluated: Callable[[Genome, float], None] | None = None, max_duplicates: int = 10_000,
-              stop: Callable[[], bool] | None = None) -> int:
-    """Ask, evaluate and tell until the archive holds ``budget`` distinct genomes of ``phase``; return how many were
-    evaluated now.
+def fitness_of(result) -> float:
+    """The fitness of an evaluation result: a number, or an object with ``.fitness`` (``eep.search.run.Evaluation``)."""
+    return float(getattr(result, "fitness", result))
 
-    A genome whose content hash is in the archive is told its recorded fitness and costs no evaluation and no budget.
-    ``max_duplicates`` consecutive duplicates end the phase early (the optimiser cannot find anything new), and so
-    does ``stop()`` turning true (a time limit).
+
+@dataclass
+class Batch:
+    """The asks of the batch in progress (nothing pending when ``asks`` is empty).
+
+    ``asks``: genomes in ask order, a content hash possibly repeated; ``results``: content hash -> result of the
+    evaluations back so far; ``duplicates``: consecutive asks that found nothing new; ``exhausted``: the last fill
+    hit the duplicate limit, so the phase ends after this batch.
     """
-    evaluated, duplicates = 0, 0
-    while archive.count(phase) < budget and not (stop is not None and stop()):
+
+    asks: list[Genome] = field(default_factory=list)
+    results: dict[str, object] = field(default_factory=dict)
+    duplicates: int = 0
+    exhausted: bool = False
+
+    def todo(self) -> list[Genome]:
+        """Distinct genomes of the batch that have no result yet, in ask order."""
+        seen, out = set(), []
+        for genome in self.asks:
+            key = genome.content_hash()
+            if key not in self.results and key not in seen:
+                seen.add(key)
+                out.append(genome)
+        return out
+
+
+class SerialPool:
+    """Evaluates the genomes of a batch one after another in this process with ``evaluate(genome) -> result``."""
+
+    def __init__(self, evaluate: Callable[[Genome], object]):
+        self.evaluate = evaluate
+
+    def run(self, genomes: list[Genome], done: Callable[[Genome, object], None]) -> None:
+        """Evaluate every genome and call ``done(genome, result)`` for each as it finishes."""
+        for genome in genomes:
+            done(genome, self.evaluate(genome))
+
+
+def as_pool(evaluate):
+    """A pool (anything with ``run(genomes, done)``) as it is, or a function ``genome -> result`` as a SerialPool."""
+    return evaluate if hasattr(evaluate, "run") else SerialPool(evaluate)
+
+
+def run_phase(proposer, archive: Archive, evaluate, phase: str, budget: int,
+              on_evaluated: Callable[[Genome, object], None] | None = None, max_duplicates: int = 10_000,
+              stop: Callable[[], bool] | None = None, ask_batch: int = 1, batch: Batch | None = None,
+              checkpoint: Callable[[], None] | None = None) -> int:
+    """Ask, evaluate and tell in batches (see the module's ordering rule) until the archive holds ``budget`` distinct
+    genomes of ``phase``; return how many were evaluated now.
+
+    ``evaluate``: ``genome -> fitness`` (or a result with ``.fitness``), or a pool with ``run(genomes, done)``.
+    ``batch``: the pending batch to go on with (a resumed run) and to keep up to date for ``checkpoint()``.
+    ``max_duplicates`` consecutive asks that bring nothing new end the phase early (the optimiser cannot find anything
+    new), and so does ``stop()`` turning true (a time limit), checked between batches.
+    """
+    pool, batch = as_pool(evaluate), Batch() if batch is None else batch
+    save = checkpoint or (lambda: None)
+    evaluated = 0
+    while batch.asks or not (archive.count(phase) >= budget or batch.exhausted or (stop is not None and stop())):
+        if not batch.asks:
+            _fill(batch, proposer, archive, min(ask_batch, budget - archive.count(phase)), max_duplicates, phase)
+            if not batch.asks:
+                break
+            save()
+        _evaluate(batch, pool, save)
+        evaluated += _commit(batch, proposer, archive, phase, on_evaluated)
+        save()
+    if archive.count(phase) >= budget or batch.exhausted:  # the phase is over: the next one starts afresh
+        batch.duplicates, batch.exhausted = 0, False
+    return evaluated
+
+
+def _fill(batch: Batch, proposer, archive: Archive, size: int, max_duplicates: int, phase: str) -> None:
+    """Ask until the batch holds ``size`` distinct new genomes; asks of archived genomes are told at once."""
+    distinct = {g.content_hash() for g in batch.asks}
+    while len(distinct) < size:
         genome = proposer.ask()
         if genome in archive:
             proposer.tell(genome, archive.fitness(genome))
-            duplicates += 1
-            if duplicates >= max_duplicates:
+        else:
+            batch.asks.append(genome)
+        if genome in archive or genome.content_hash() in distinct:
+            batch.duplicates += 1
+            if batch.duplicates >= max_duplicates:
                 log.warning("phase %s: %d duplicates in a row; ending it after %d distinct evaluations", phase,
-                            duplicates, archive.count(phase))
-                break
+                            batch.duplicates, archive.count(phase) + len(distinct))
+                batch.exhausted = True
+                return
             continue
-        duplicates = 0
-        fitness = evaluate(genome)
-        archive.add(genome, fitness, phase)
-        proposer.tell(genome, fitness)
-        evaluated += 1
-        if on_evaluated is not None:
-            on_evaluated(genome, fitness)
-    return evaluated
+        batch.duplicates = 0
+        distinct.add(genome.content_hash())
+
+
+def _evaluate(batch: Batch, pool, save: Callable[[], None]) -> None:
+    """Evaluate the batch's missing genomes; checkpoint after each result except the last (the commit follows)."""
+    todo = batch.todo()
+    left = [len(todo)]
+
+    def done(genome: Genome, result) -> None:
+        batch.results[genome.content_hash()] = result
+        left[0] -= 1
+        if left[0] > 0:
+            save()
+
+    if todo:
+        pool.run(todo, done)
+
+
+def _commit(batch: Batch, proposer, archive: Archive, phase: str, on_evaluated) -> int:
+    """Add the batch's new genomes to the archive and tell every ask its fitness, in ask order; empty the batch."""
+    added = 0
+    for genome in batch.asks:
+        result = batch.results[genome.content_hash()]
+        if genome not in archive:
+            archive.add(genome, fitness_of(result), phase)
+            added += 1
+            if on_evaluated is not None:
+                on_evaluated(genome, result)
+        proposer.tell(genome, fitness_of(result))
+    batch.asks, batch.results = [], {}
+    return added

@@ -1,5 +1,7 @@
-"""Search state that survives a kill: the phase plan's progress, the archive and the live proposer, checkpointed
-atomically after every evaluation, so a resumed run asks exactly the genomes an uninterrupted one would."""
+"""Search state that survives a kill: the phase plan's progress, the archive, the live proposer and the batch in
+progress (its asks and the results back so far), checkpointed atomically after the asks, after every evaluation and
+after every commit (see ``eep.search.loop``), so a resumed run evaluates and asks exactly the genomes an
+uninterrupted one would."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eep.genome import Genome
-from eep.search.loop import run_phase
+from eep.search.loop import Batch, run_phase
 from eep.search.proposers import Archive, make_proposer
 from eep.search.strategy import EEPSettings
 
@@ -29,7 +31,9 @@ class Phase:
 
 @dataclass
 class SearchState:
-    """Everything a search needs to go on: the plan, where it is, the archive and the current phase's proposer."""
+    """Everything a search needs to go on: the plan, where it is, the archive, the current phase's proposer, the
+    batch in progress and ``ask_batch`` (fixed when the run starts, so a resume with another worker count asks the
+    same batches)."""
 
     plan: tuple[Phase, ...]
     template: Genome                      # shape, layer groups and top-k' of the candidates
@@ -40,6 +44,8 @@ class SearchState:
     phase_index: int = 0
     proposer: object | None = None
     finished: bool = False
+    ask_batch: int = 1
+    batch: Batch | None = None
     extra: dict = field(default_factory=dict)   # what the caller needs on resume (config, hashes, versions)
 
 
@@ -54,23 +60,26 @@ def start_phase(state: SearchState) -> None:
 
 def run_plan(state: SearchState, evaluate: Callable[[Genome], float],
              checkpoint: Callable[[SearchState], None] | None = None,
-             on_evaluated: Callable[[Genome, float, str], None] | None = None,
+             on_evaluated: Callable[[Genome, object, str], None] | None = None,
              stop: Callable[[], bool] | None = None) -> SearchState:
-    """Run the remaining phases, checkpointing after every evaluation; ``stop()`` true ends the run early (time
-    limit) and leaves it resumable."""
+    """Run the remaining phases in batches of ``state.ask_batch`` (a pending batch first), checkpointing as
+    ``eep.search.loop`` describes; ``evaluate`` is ``genome -> fitness`` (or a result with ``.fitness``) or a pool.
+    ``on_evaluated(genome, result, phase)`` is called per new genome, in ask order. ``stop()`` true ends the run
+    early between batches (time limit) and leaves it resumable."""
+    state.batch = state.batch or Batch()
     while state.phase_index < len(state.plan):
         phase = state.plan[state.phase_index]
         if phase.budget > 0:
             if state.proposer is None:
                 start_phase(state)
 
-            def after(genome: Genome, fitness: float, phase_name: str = phase.name) -> None:
+            def after(genome: Genome, result, phase_name: str = phase.name) -> None:
                 if on_evaluated is not None:
-                    on_evaluated(genome, fitness, phase_name)
-                if checkpoint is not None:
-                    checkpoint(state)
+                    on_evaluated(genome, result, phase_name)
 
-            run_phase(state.proposer, state.archive, evaluate, phase.name, phase.budget, after, stop=stop)
+            run_phase(state.proposer, state.archive, evaluate, phase.name, phase.budget, after, stop=stop,
+                      ask_batch=state.ask_batch, batch=state.batch,
+                      checkpoint=None if checkpoint is None else lambda: checkpoint(state))
             if stop is not None and stop() and state.archive.count(phase.name) < phase.budget:
                 return state
         state.phase_index += 1
