@@ -7,7 +7,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eep.zoo
 from eep.evaluate.evaluator import WORST_FITNESS, Evaluator
+from eep.evaluate.generation import GenerationScorer
 from eep.evaluate.reference import simple_scores
+from eep.evaluate.scoring import LoglikelihoodScorer, _row_sums
 from eep.evaluate.splits import SplitRef, plan_splits
 from eep.genome import Genome
 from eep.materialize import Materializer
@@ -45,6 +47,58 @@ def test_scores_equal_simple_evaluate_for_full_and_pruned_models(shipped, evalua
                                            ("skills_lookup", "exact_match")]) / 3)
 
 
+def _multi_token_requests(lm, prompts: list[str]) -> list:
+    """Requests with 1- to many-token continuations: shared contexts, one context + continuation split at two points
+    (one lm-eval group with continuations of different lengths), a duplicate, and one longer than the model's
+    window (left truncation)."""
+    requests = []
+    for prompt in prompts:
+        for answer in ("abc\n", "a", "zz", prompt[-3:] + "x"):
+            ctx, cont = lm._encode_pair(prompt, answer)
+            requests.append(((prompt, answer), ctx, cont))
+        ctx, cont = lm._encode_pair(prompt, "abc\n")
+        requests.append(((prompt, "bc\n"), ctx + cont[:1], cont[1:]))
+    requests.append(requests[0])
+    long_ctx, long_cont = lm._encode_pair(" ".join(prompts)[:200], "xyz")
+    requests.append((("long", "xyz"), long_ctx, long_cont))
+    return requests
+
+
+@pytest.mark.parametrize("batch_size", [16, 5])
+def test_loglikelihood_scorer_equals_hflm_bit_for_bit(shipped, evaluator, batch_size):
+    model, tok = shipped
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
+    single = evaluator.encoded  # skills_count_mc: one-token continuations, 9 per shared context
+    prompts = [inst.args[0] for inst in evaluator.requests["generate_until"][:12]]
+    multi = _multi_token_requests(lm, prompts)
+    assert max(len(r[1]) + len(r[2]) for r in multi) > lm.max_length + 1
+    assert {len(r[2]) for r in multi} >= {1, 2, 3, 4}
+    for requests in (single, multi):
+        expected = lm._loglikelihood_tokens(requests, disable_tqdm=True)
+        assert LoglikelihoodScorer.build(lm, requests).run() == expected
+    assert any(greedy for _, greedy in expected) and not all(greedy for _, greedy in expected)
+
+
+def test_generation_scorer_equals_hflm_generate_until(shipped, evaluator):
+    model, tok = shipped
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=7, device="cpu")
+    reqs = evaluator.requests["generate_until"]
+    texts = GenerationScorer.build(lm, reqs).run()
+    assert texts == lm.generate_until(reqs, disable_tqdm=True)
+    assert len(set(texts)) > 10
+
+
+def test_row_sums_equal_lone_row_sums():
+    torch.manual_seed(0)
+    for length in range(1, 200):
+        values = torch.randn(50, length) * 3 - 5
+        assert torch.equal(_row_sums(values), torch.stack([values[i:i + 1].clone().sum() for i in range(50)]))
+
+
 def test_weighted_fitness_and_group_metrics(shipped):
     ev = Evaluator(*shipped, ["skills_all"], role="search", limit=10, batch_size=32,
                    weights={"skills_all,exact_match": 2.0})
@@ -67,7 +121,7 @@ def test_failing_candidates_get_the_worst_fitness_and_the_evaluator_recovers(shi
     def boom(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(evaluator.lm, "_loglikelihood_tokens", boom)
+    monkeypatch.setattr(evaluator.lm, "_model_call", boom)
     failed = evaluator.evaluate()
     assert failed.fitness == WORST_FITNESS and "simulated" in failed.error
     monkeypatch.undo()

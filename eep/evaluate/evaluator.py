@@ -1,8 +1,8 @@
 """Score the current (possibly patched) model on lm-eval tasks at the cost of the model calls alone.
 
-Tasks, their requests (rendered and tokenised once) and the ``HFLM`` wrapper are built once; per candidate only the
-model calls, the tasks' filters, ``process_results`` and lm-eval's own aggregation run. With the same model, task,
-split, limit and batch size the metrics equal ``lm_eval.simple_evaluate``'s.
+Tasks, their requests (rendered and tokenised once), the batches of the model calls and the ``HFLM`` wrapper are
+built once; per candidate only the model calls, the tasks' filters, ``process_results`` and lm-eval's own aggregation
+run. With the same model, task, split, limit and batch size the metrics equal ``lm_eval.simple_evaluate``'s.
 """
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eep.evaluate.docs import fixed_docs
+from eep.evaluate.generation import GenerationScorer
 from eep.evaluate.reference import flat_metrics, manager_for
+from eep.evaluate.scoring import LoglikelihoodScorer
 from eep.evaluate.splits import ROLES, SplitRef, plan_splits
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,7 @@ class Evaluator:
     # ------------------------------------------------------------------ set-up (once)
     def _build(self, num_fewshot, fewshot_seed, apply_chat_template, fewshot_as_multiturn, system_instruction):
         self.requests: dict[str, list] = defaultdict(list)
-        self._samples: dict[str, list[int] | None] = {}
+        self._docs: dict[str, list] = {}
         for name, task in self.tasks.items():
             ref: SplitRef = self.plans[name][self.role]
             task.config.test_split = ref.name
@@ -92,7 +95,7 @@ class Evaluator:
                 fewshot_as_multiturn=fewshot_as_multiturn,
                 chat_template=self.lm.apply_chat_template if apply_chat_template else None,
                 tokenizer_name=self.lm.tokenizer_name if apply_chat_template else "")
-            self._samples[name] = samples
+            self._docs[name] = _doc_instances(task, fixed_docs(task, self.limit, samples))
             for inst in task.instances:
                 self.requests[inst.request_type].append(inst)
         unsupported = set(self.requests) - {"loglikelihood", "generate_until"}
@@ -100,7 +103,9 @@ class Evaluator:
             raise ValueError(f"request types {sorted(unsupported)} are not supported for search fitness; use "
                              f"multiple_choice or generate_until tasks")
         self.encoded = [self._encode(inst.args) for inst in self.requests.get("loglikelihood", [])]
-        _speed_up_generation(self.lm)
+        self._loglikelihood = LoglikelihoodScorer.build(self.lm, self.encoded) if self.encoded else None
+        generation = self.requests.get("generate_until", [])
+        self._generation = GenerationScorer.build(self.lm, generation) if generation else None
 
     def _encode(self, args: tuple[str, str]):
         """Tokenise one loglikelihood request exactly as ``TemplateLM.loglikelihood`` does."""
@@ -158,12 +163,15 @@ class Evaluator:
             for inst in reqs:
                 inst.resps = []
         if self.encoded:
-            results = self.lm._loglikelihood_tokens(self.encoded, disable_tqdm=quiet)
+            results = (self._loglikelihood.run(self.progress) if self._loglikelihood
+                       else self.lm._loglikelihood_tokens(self.encoded, disable_tqdm=quiet))
             for inst, res in zip(self.requests["loglikelihood"], results, strict=True):
                 inst.resps.append(res)
         if "generate_until" in self.requests:
             reqs = self.requests["generate_until"]
-            for inst, res in zip(reqs, self.lm.generate_until(reqs, disable_tqdm=quiet), strict=True):
+            texts = (self._generation.run(self.progress) if self._generation
+                     else self.lm.generate_until(reqs, disable_tqdm=quiet))
+            for inst, res in zip(reqs, texts, strict=True):
                 inst.resps.append(res)
         acc = {name: {"task": t, "raw_metrics": defaultdict(list), "logged_samples": []}
                for name, t in self.tasks.items()}
@@ -174,16 +182,8 @@ class Evaluator:
     def _collect(self, name: str, task, raw: dict) -> None:
         """Per-document metrics, as ``lm_eval.evaluator.evaluate`` computes them."""
         task.apply_filters()
-        by_doc = defaultdict(list)
-        for inst in task.instances:
-            by_doc[inst.doc_id].append(inst)
-        for insts in by_doc.values():
-            insts.sort(key=lambda x: x.idx)
-        samples = self._samples[name]
         for filter_key in task.instances[0].filtered_resps:
-            for doc_id, doc in task.doc_iterator(rank=0, limit=None if samples else self.limit, world_size=1,
-                                                 samples=samples):
-                insts = by_doc[doc_id]
+            for doc, insts in self._docs[name]:
                 values = task.process_results(doc, [i.filtered_resps[filter_key] for i in insts])
                 for metric, value in values.items():
                     raw[(metric, filter_key)].append(value)
@@ -193,45 +193,9 @@ class Evaluator:
         return {name: {role: ref.describe() for role, ref in plan.items()} for name, plan in self.plans.items()}
 
 
-def _single_token_ids(tokenizer, stops: list[str]) -> list[int] | None:
-    """Token ids of ``stops`` if every stop string is exactly one token that decodes back to itself, else None."""
-    ids = []
-    for stop in stops:
-        enc = tokenizer.encode(stop, add_special_tokens=False)
-        if len(enc) != 1 or tokenizer.decode(enc, skip_special_tokens=False) != stop:
-            return None
-        ids.append(enc[0])
-    return ids
-
-
-def _speed_up_generation(lm) -> None:
-    """Make ``lm.generate_until`` cheaper per candidate without changing a single output string.
-
-    - ``tok_batch_encode`` is memoised: the same batches are tokenised once per search, not once per candidate;
-    - when every stop string is a single token (and padding is a special token that decoding drops), generation stops
-      on those token ids per sequence instead of decoding every sequence at every step to look for stop strings.
-      Each row's text up to its first stop string is the same either way: greedy rows do not interact, and lm-eval
-      cuts the decoded text at the first stop string in both cases.
-    """
-    encode, generate = lm.tok_batch_encode, lm._model_generate
-    cache: dict = {}
-    tokenizer = lm.tokenizer
-    pad_is_special = tokenizer.pad_token_id is not None and tokenizer.pad_token_id in tokenizer.all_special_ids
-
-    def tok_batch_encode(strings, padding_side="left", left_truncate_len=None, truncation=False):
-        key = (tuple(strings), padding_side, left_truncate_len, truncation)
-        if key not in cache:
-            cache[key] = encode(strings, padding_side=padding_side, left_truncate_len=left_truncate_len,
-                                truncation=truncation)
-        return cache[key]
-
-    def model_generate(context, max_length, stop, **kwargs):
-        stop_ids = _single_token_ids(tokenizer, stop) if pad_is_special else None
-        if stop_ids is None or kwargs.get("do_sample"):
-            return generate(context, max_length, stop, **kwargs)
-        kwargs.pop("temperature", None)
-        kwargs["do_sample"] = False
-        return lm.model.generate(input_ids=context, max_length=max_length, eos_token_id=stop_ids,
-                                 pad_token_id=tokenizer.pad_token_id, use_cache=True, **kwargs)
-
-    lm.tok_batch_encode, lm._model_generate = tok_batch_encode, model_generate
+def _doc_instances(task, docs: list[tuple[int, object]]) -> list[tuple[object, list]]:
+    """Each document with its instances in request order, as ``lm_eval.evaluator.evaluate`` pairs them."""
+    by_doc = defaultdict(list)
+    for inst in task.instances:
+        by_doc[inst.doc_id].append(inst)
+    return [(doc, sorted(by_doc[doc_id], key=lambda inst: inst.idx)) for doc_id, doc in docs]
