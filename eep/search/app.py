@@ -1,6 +1,8 @@
 """What ``eep-search`` does with a composed config and its run folder (the CLI only wires Hydra to this)."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from pathlib import Path
@@ -50,15 +52,20 @@ def _check_optimizers(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig):
-    """Everything checkable before the weights load: tasks, optimisers, counts against the model's config."""
+    """Everything checkable before the weights load: tasks, optimisers, workers (and Ray if they need it), counts
+    against the model's config. Returns the model's adapter (on the meta device), E', k' and the layer groups."""
     from eep.evaluate.reference import manager_for
 
     names, paths = task_names(cfg)
     manager_for(names, paths)
     _check_optimizers(cfg)
+    if R.check_parallel(cfg)[1] > 1:
+        from eep.parallel import _ray
+
+        _ray()
     adapter, layers, experts, top_k = _shape(cfg)
     kept, k, groups = R.check_settings(cfg, layers, experts, top_k)
-    return type(adapter), kept, k, groups
+    return adapter, kept, k, groups
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -70,60 +77,108 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
     if not cfg.resume and (run_dir / R.STATE).exists():
         raise R.UserError(f"{run_dir} already holds a search; resume it with resume={run_dir}")
     state = R.resume_state(run_dir, cfg, cfg.resume_force) if cfg.resume else None
-    _, kept, k, groups = validate(cfg)
+    adapter, kept, k, groups = validate(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         OmegaConf.save(cfg, run_dir / R.CONFIG)
-    return _run(cfg, run_dir, kept, k, groups, state)
+    return _run(cfg, run_dir, state or R.new_state(cfg, *_template(adapter, kept, k, groups)))
 
 
-def _run(cfg: DictConfig, run_dir: Path, kept: int, top_k: int, groups, state=None) -> dict:
+def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
+    """The Evaluator of ``role`` (search, validation or test) for ``cfg``'s tasks, splits and evaluator keys."""
     from eep.evaluate.evaluator import Evaluator
-    from eep.genome import Genome
-    from eep.materialize import Materializer
-    from eep.models import ModelConfig, load_model
 
-    model_cfg = ModelConfig(**OmegaConf.to_container(cfg.model))
-    model, tok = load_model(model_cfg)
-    mat = Materializer(model)
     names, paths = task_names(cfg)
     ev = cfg.evaluator
+    limits = {"search": ev.limit, "validation": ev.validation_limit, "test": ev.test_limit}
     overrides = {"search": cfg.task.search_split, "validation": cfg.task.validation_split,
                  "test": cfg.task.report_split}
-    common = dict(batch_size=ev.batch_size, include_paths=paths, split_overrides=overrides,
-                  split_seed=ev.split_seed, weights=OmegaConf.to_container(cfg.task.weights) if cfg.task.weights
-                  else None, num_fewshot=ev.num_fewshot, apply_chat_template=ev.apply_chat_template)
-    searcher = Evaluator(model, tok, names, role="search", limit=ev.limit, progress=ev.progress, **common)
-    expert_groups = int(getattr(model.config, "n_group", 1) or 1) if mat.adapter.name() == "DeepseekV3" else 1
-    template = Genome.pruning([list(range(kept))] * len(groups), mat.adapter.num_experts, top_k, groups)
-    state = state or R.new_state(cfg, template, expert_groups)
+    weights = OmegaConf.to_container(cfg.task.weights) if cfg.task.weights else None
+    return Evaluator(model, tokenizer, names, role=role, limit=limits[role], batch_size=ev.batch_size,
+                     include_paths=paths, split_overrides=overrides, split_seed=ev.split_seed, weights=weights,
+                     num_fewshot=ev.num_fewshot, apply_chat_template=ev.apply_chat_template,
+                     progress=ev.progress and role == "search")
+
+
+def _template(adapter, kept: int, top_k: int, groups):
+    """The genome fixing the candidates' shape (the first E' experts kept) and the expert-group count (DeepSeek)."""
+    from eep.genome import Genome
+
+    expert_groups = int(getattr(adapter.model.config, "n_group", 1) or 1) if adapter.name() == "DeepseekV3" else 1
+    return Genome.pruning([list(range(kept))] * len(groups), adapter.num_experts, top_k, groups), expert_groups
+
+
+class Replica:
+    """One loaded model with its materialiser and (``search=True``) its search-split Evaluator: what a serial run
+    holds, and what every Ray worker builds from the same config (``replica_scorer``)."""
+
+    def __init__(self, cfg: DictConfig, search: bool = True):
+        from eep.materialize import Materializer
+        from eep.models import ModelConfig, load_model
+
+        self.model, self.tok = load_model(ModelConfig(**OmegaConf.to_container(cfg.model)))
+        self.mat = Materializer(self.model)
+        self.searcher = make_evaluator(cfg, self.model, self.tok, "search") if search else None
+
+    def score(self, genome) -> R.Evaluation:
+        return R.score(self.mat, self.searcher, genome)
+
+
+def replica_scorer(cfg: dict):
+    """Run once in each Ray worker: a Replica of the (resolved, plain) config; its ``score``."""
+    return Replica(OmegaConf.create(cfg)).score
+
+
+def _pool(cfg: DictConfig, replica: Replica | None):
+    """The serial pool over ``replica``, or a RayPool of ``evaluator.workers`` replicas (a context manager)."""
+    from eep.search.loop import SerialPool
+
+    ev = cfg.evaluator
+    if ev.workers == 1:
+        return contextlib.nullcontext(SerialPool(replica.score))
+    from eep.parallel import RayPool
+
+    build = functools.partial(replica_scorer, OmegaConf.to_container(cfg, resolve=True))
+    gpu = cfg.model.device != "cpu" or cfg.model.device_map is not None
+    return RayPool(build, ev.workers, ev.threads, ev.ray_address, gpus=gpu)
+
+
+def _run(cfg: DictConfig, run_dir: Path, state) -> dict:
+    """Search on the pool (a serial run loads its model first; a parallel one after the search, for the final
+    pick), then finish. The run's own ``state.ask_batch`` stands on resume."""
+    if cfg.evaluator.threads:
+        torch.set_num_threads(cfg.evaluator.threads)
+    if state.ask_batch != R.check_parallel(cfg)[0]:
+        log.warning("the run asks %d candidates at a time (fixed when it started)", state.ask_batch)
+    replica = Replica(cfg) if cfg.evaluator.workers == 1 else None
     rows = R.RowLog(run_dir / R.ROWS)
-
-    def phase() -> str:
-        return state.plan[min(state.phase_index, len(state.plan) - 1)].name
-
     start = time.time()
-    with _progress(state) as bar:
-        state = R.search(state, R.make_evaluate(mat, searcher, rows, phase), run_dir, cfg.search.time_limit,
-                         progress=bar)
-    search_seconds = time.time() - start
+    with _pool(cfg, replica) as pool, _progress(state) as bar:
+        def record(genome, result, phase: str) -> None:
+            rows.append(R.row(genome, result, phase))
+            bar(genome, result, phase)
+
+        state = R.search(state, pool, run_dir, cfg.search.time_limit, on_evaluated=record)
+        restarts = list(getattr(pool, "events", []))
+    search = {"search_seconds": time.time() - start, "workers": cfg.evaluator.workers, "worker_restarts": restarts}
     if not state.finished:
         print(f"time limit reached after {len(state.archive.entries)} evaluations; resume with resume={run_dir}")
         return {}
     R.write_best(run_dir, *state.archive.best())
-    return _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_seconds)
+    return _finish(cfg, run_dir, replica or Replica(cfg, search=False), state, rows, search)
 
 
-def _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_seconds) -> dict:
+def _finish(cfg, run_dir, replica: Replica, state, rows, search: dict) -> dict:
+    """Pick the final candidate on validation, score it in place and exported, write the report (``search``:
+    seconds, workers and worker restarts of the search)."""
     from transformers import AutoModelForCausalLM
 
-    from eep.evaluate.evaluator import Evaluator
     from eep.export import export
 
-    ev = cfg.evaluator
-    validator = Evaluator(model, tok, names, role="validation", limit=ev.validation_limit, **common)
+    ev, model, tok, mat, names = cfg.evaluator, replica.model, replica.tok, replica.mat, task_names(cfg)[0]
+    validator = make_evaluator(cfg, model, tok, "validation")
     best, picked = F.pick_final(state.archive, mat, validator, cfg.search.final_candidates)
-    tester = Evaluator(model, tok, names, role="test", limit=ev.test_limit, **common)
+    tester = make_evaluator(cfg, model, tok, "test")
     single = names[0] if len(names) == 1 else None
     value = (lambda s: F.first_metric(s, single)) if single else (lambda s: s.fitness)
     full_val, full_test = value(validator.evaluate()), value(tester.evaluate())
@@ -134,7 +189,7 @@ def _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_se
                       provenance={"base_model": mat.model.config._name_or_path, "method": "eep",
                                   "scores": {"test": best_test}})
     reloaded = AutoModelForCausalLM.from_pretrained(run_dir / "model", dtype=model.dtype).to(model.device).eval()
-    exported_test = value(Evaluator(reloaded, tok, names, role="test", limit=ev.test_limit, **common).evaluate())
+    exported_test = value(make_evaluator(cfg, reloaded, tok, "test").evaluate())
     batch = F.calibration_tokens(validator, tok, n=32)
     with mat.applied(best):
         usage_after = F.expert_usage(model, mat.adapter, batch)
@@ -147,11 +202,11 @@ def _finish(cfg, run_dir, model, tok, mat, names, common, state, rows, search_se
         "test": {"full": full_test, "best_in_place": best_test, "best_exported": exported_test},
         "validation": {"full": full_val, "best_in_place": next(iter(picked["metrics"][single].values()))
                        if single else picked["fitness"]},
-        "workers": 1, "experts": {"before": mat.adapter.num_experts, "after": best.num_kept},
+        "workers": search["workers"], "worker_restarts": search["worker_restarts"], "experts": {"before": mat.adapter.num_experts, "after": best.num_kept},
         "top_k": {"before": mat.adapter.top_k, "after": best.top_k},
         "parameters": {"before": F.parameter_counts(model, mat.adapter),
                        "after": F.parameter_counts(model, mat.adapter, best.num_kept)},
-        "search_seconds": search_seconds, "evaluations": len(state.archive.entries), "generation": speed,
+        "search_seconds": search["search_seconds"], "evaluations": len(state.archive.entries), "generation": speed,
         "best_hash": best.content_hash(), "validation_candidates": picked["candidates"],
         "export": {"exact": exported.exact, "router_top_k_overlap": exported.router_top_k_overlap},
         "seed": cfg.seed, "versions": state.extra.get("versions"),
