@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +41,15 @@ class _Route:
     used: torch.Tensor | None = None         # merging: bool[E], experts some row of W_RM uses
 
 
-def _patched_forward(adapter: MoEAdapter, router: nn.Module, route: _Route):
-    """A replacement for ``router.forward`` returning ``(logits, weights [T, k'], slots [T, k'])`` as the original."""
+RoutingPatch = Callable[[torch.Tensor], torch.Tensor]   # routing weights [T, k'] -> [T, k'] (e.g. dynamic skipping)
+
+
+def _patched_forward(adapter: MoEAdapter, router: nn.Module, route: _Route,
+                     patch: Callable[[], RoutingPatch | None] | None = None):
+    """A replacement for ``router.forward`` returning ``(logits, weights [T, k'], slots [T, k'])`` as the original.
+
+    ``patch`` (optional) returns the layer's current routing patch, applied to the weights after the family's rule.
+    """
 
     def forward(hidden_states: torch.Tensor):
         if route.router_map is None:
@@ -50,6 +58,9 @@ def _patched_forward(adapter: MoEAdapter, router: nn.Module, route: _Route):
         else:
             full = adapter.logits(router, hidden_states, router.weight)
             logits, weights, idx = adapter.route_mapped(router, full, route.router_map, route.used, route.top_k)
+        fn = patch() if patch is not None else None
+        if fn is not None:
+            weights = fn(weights)
         return logits, weights, route.slots[idx]
 
     return forward
@@ -67,6 +78,7 @@ class Materializer:
         self.genome: Genome | None = None
         self.remerged_layers = 0                                       # layers re-merged by the last apply
         self.installed: dict[int, tuple | None] = {}                   # layer -> (kept, top_k) of its pruned route
+        self.route_patches: dict[int, RoutingPatch] = {}               # layer -> routing patch (cleared by restore)
 
     @property
     def layers(self) -> list[MoELayer]:
@@ -99,8 +111,23 @@ class Materializer:
         return _Route(top_k, idx, weight=layer.router.weight[idx], buffers=buffers)
 
     def _install(self, layer: MoELayer, route: _Route, key) -> None:
-        layer.router.forward = _patched_forward(self.adapter, layer.router, route)
+        layer.router.forward = _patched_forward(self.adapter, layer.router, route,
+                                                lambda i=layer.index: self.route_patches.get(i))
         self.installed[layer.index] = key
+
+    def patch_routing(self, patches: dict[int, RoutingPatch] | None) -> None:
+        """Post-process the routing weights of MoE layers (``{layer: weights [T, k'] -> [T, k']}``) on top of the
+        applied genome, e.g. dynamic skipping; ``None`` removes them. ``restore()`` removes them too."""
+        if patches and self.genome is None:
+            raise RuntimeError("apply a genome before patching routing (Genome.identity for the full model)")
+        self.route_patches = dict(patches or {})
+
+    def forget_bank(self) -> None:
+        """Drop the banked original experts: call after changing expert weights in place while restored (no merged
+        layer), so that the next merge banks the weights as they are now."""
+        if self.merged:
+            raise RuntimeError(f"layers {sorted(self.merged)} are merged: restore() before changing expert weights")
+        self.bank.clear()
 
     @contextmanager
     def applied(self, genome: Genome):
@@ -122,6 +149,7 @@ class Materializer:
             self._unmerge(layer)
             layer.router.__dict__.pop("forward", None)
         self.installed.clear()
+        self.route_patches = {}
         self.genome = None
 
     # ------------------------------------------------------------------ expert slots

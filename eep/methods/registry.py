@@ -1,0 +1,83 @@
+"""The method registry: ``METHODS`` (name -> callable), ``register`` and the entry point ``compute``."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from eep.materialize import Materializer
+from eep.methods.result import MethodResult
+
+log = logging.getLogger(__name__)
+
+# name -> fn(materializer, calibration, *, num_kept, top_k, seed, **options) -> MethodResult
+METHODS: dict[str, Callable[..., MethodResult]] = {}
+
+
+class MethodError(ValueError):
+    """A method that cannot run with these settings on this model: the message says why and what would work."""
+
+
+def register(name: str) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
+    """Decorator adding a method to :data:`METHODS` under ``name``; a name registered twice raises ValueError."""
+    def add(fn: Callable[..., MethodResult]) -> Callable[..., MethodResult]:
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is already registered (by {METHODS[name].__module__})")
+        METHODS[name] = fn
+        return fn
+    return add
+
+
+@contextmanager
+def _restored(materializer: Materializer):
+    """The original model inside (statistics describe it), whatever genome was applied before, re-applied after."""
+    previous, patches = materializer.genome, materializer.route_patches
+    materializer.restore()
+    try:
+        yield
+    finally:
+        if previous is not None:
+            materializer.apply(previous)
+            materializer.patch_routing(patches)
+
+
+def _check_counts(materializer: Materializer, num_kept: int, top_k: int) -> None:
+    num_experts = materializer.adapter.num_experts
+    if not 1 <= num_kept <= num_experts:
+        raise MethodError(f"num_kept={num_kept} must be between 1 and the model's E={num_experts}")
+    if not 1 <= top_k <= num_kept:
+        raise MethodError(f"top_k={top_k} must be between 1 and num_kept={num_kept}")
+
+
+def compute(name: str, model: nn.Module, materializer: Materializer | None = None, calibration: dict | None = None,
+            *, num_kept: int, top_k: int, seed: int = 0, **options) -> MethodResult:
+    """Run method ``name`` on ``model`` and return its :class:`MethodResult` (genome validated for the model).
+
+    ``calibration``: ``{"input_ids", "attention_mask": long[B, S]}`` (see :mod:`eep.methods.calibration`), needed by
+    every method but ``random``; ``num_kept`` is ``E'``, ``top_k`` is ``k'``; ``options`` are the method's own keyword
+    arguments. Statistics are collected on the original model; the materialiser is left as it was found.
+    """
+    import eep.methods  # noqa: F401  (registers every method)
+
+    if name not in METHODS:
+        raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}")
+    materializer = materializer or Materializer(model)
+    if materializer.model is not model:
+        raise MethodError("the materialiser was built on another model than the one given")
+    _check_counts(materializer, num_kept, top_k)
+    if calibration is None and name != "random":
+        raise MethodError(f"method {name!r} needs calibration tokens: eep.methods.calibration.calibration_batch(...)")
+    start = time.perf_counter()
+    with torch.no_grad(), _restored(materializer):
+        result = METHODS[name](materializer, calibration, num_kept=num_kept, top_k=top_k, seed=seed, **options)
+    materializer.adapter.validate(result.genome)
+    result.info.update(num_kept=num_kept, top_k=top_k, seed=seed, options=options,
+                       seconds=round(time.perf_counter() - start, 3),
+                       calibration_tokens=0 if calibration is None else int(calibration["attention_mask"].sum()))
+    log.info("method %s: E'=%d, k'=%d, genome %s in %.2f s", name, num_kept, top_k, result.genome.content_hash(),
+             result.info["seconds"])
+    return result
