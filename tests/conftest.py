@@ -54,3 +54,13 @@ def family(request):
 def tokens():
     torch.manual_seed(123)
     return torch.randint(0, 64, (3, 11))
+
+
+def compose_config(config_name: str, overrides: list[str]):
+    """An app's config (``eep_search``, ``eep_compare``) composed from the shipped conf/ with ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    import eep
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(eep.conf_dir())):
+        return compose(config_name=config_name, overrides=overrides)

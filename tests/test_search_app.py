@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
+from conftest import compose_config
 
 import eep
 from eep.search import app
@@ -17,8 +17,7 @@ TINY = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "sear
 
 
 def config(overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(eep.conf_dir())):
-        return compose(config_name="eep_search", overrides=overrides)
+    return compose_config("eep_search", overrides)
 
 
 @pytest.mark.parametrize("override, message", [
