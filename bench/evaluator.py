@@ -2,11 +2,12 @@
 
     python bench/evaluator.py [--model skills-mixtral] [--limit 200] [--candidates 5] [--batch-size 64]
 
-Each candidate is a random pruning genome (4 of 8 experts per layer); the time counted is apply + score + metrics
+Each candidate is a random pruning genome (half the experts of every layer: 4 of 8 on skills-mixtral); the time counted is apply + score + metrics
 (one-time set-up excluded). The floor is a hand-written loop with no lm-eval code over the same pre-tokenised
 requests at the same batch size: one forward per distinct sequence (contexts shared by single-token continuations
-scored once), and greedy ``generate`` with the same ``max_new_tokens`` and the newline as stop token. Medians;
-ratios from the same run.
+scored once), and greedy ``generate`` with the same ``max_new_tokens`` and the newline as stop token. For reference
+also "forwards alone": only the model calls over the Evaluator's own prepared batches (forward + log-softmax, or
+``generate``), no scoring, decoding or metrics. Medians; ratios from the same run.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eep.zoo
@@ -69,6 +71,17 @@ def floor_generate(model, tok, prompts: list[str], batch_size: int, max_new_toke
     return out
 
 
+@torch.no_grad()
+def forwards_alone(model, ev: Evaluator) -> None:
+    """The model calls of one ``ev.evaluate()`` and nothing else: its prepared batches, already on the device."""
+    if ev._loglikelihood is not None:
+        for batch in ev._loglikelihood.batches:
+            F.log_softmax(model(input_ids=batch.ids).logits, dim=-1)
+    if ev._generation is not None:
+        for batch in ev._generation.batches:
+            ev._generation._generate(batch)
+
+
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -89,16 +102,18 @@ def bench_task(model, tok, task: str, limit: int, batch_size: int, genomes: list
             floor_generate(model, tok, prompts, batch_size, gen_toks)
 
     simple_scores(model, tok, [task], limit=limit, batch_size=batch_size)  # warm-up: task index and caches
-    times = {"eep": [], "floor": [], "simple_evaluate": []}
+    times = {"eep": [], "floor": [], "forwards": [], "simple_evaluate": []}
     for genome in genomes:
         times["eep"].append(timed(lambda: (mat.apply(genome), ev.evaluate())))
         times["floor"].append(timed(lambda: (mat.apply(genome), floor())))
+        times["forwards"].append(timed(lambda: (mat.apply(genome), forwards_alone(model, ev))))
         times["simple_evaluate"].append(timed(lambda: (mat.apply(genome), simple_scores(
             model, tok, [task], limit=limit, batch_size=batch_size))))
     mat.restore()
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"task": task, "kind": kind, "requests": len(ev.encoded) or len(prompts), **med,
-            "eep_over_floor": med["eep"] / med["floor"], "simple_over_eep": med["simple_evaluate"] / med["eep"]}
+            "eep_over_floor": med["eep"] / med["floor"], "eep_over_forwards": med["eep"] / med["forwards"],
+            "simple_over_eep": med["simple_evaluate"] / med["eep"]}
 
 
 def main() -> None:
@@ -112,6 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()  # the floor's max_new_tokens vs the model's max_length, per call
     folder = eep.zoo.path(args.model)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
@@ -125,8 +141,10 @@ def main() -> None:
     for task in args.tasks.split(","):
         r = bench_task(model, tok, task, args.limit, args.batch_size, genomes)
         print(f"{r['task']:<16} {r['kind']:<15} {r['requests']:>5} requests  eep {r['eep'] * 1e3:8.1f} ms  "
-              f"floor {r['floor'] * 1e3:8.1f} ms  simple_evaluate {r['simple_evaluate'] * 1e3:8.1f} ms  "
-              f"eep/floor {r['eep_over_floor']:.2f}x  simple_evaluate/eep {r['simple_over_eep']:.2f}x", flush=True)
+              f"floor {r['floor'] * 1e3:8.1f} ms  forwards alone {r['forwards'] * 1e3:8.1f} ms  "
+              f"simple_evaluate {r['simple_evaluate'] * 1e3:8.1f} ms  eep/floor {r['eep_over_floor']:.2f}x  "
+              f"eep/forwards {r['eep_over_forwards']:.2f}x  simple_evaluate/eep {r['simple_over_eep']:.2f}x",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eep.zoo
+from eep.evaluate.docs import fixed_docs
 from eep.evaluate.evaluator import WORST_FITNESS, Evaluator
 from eep.evaluate.generation import GenerationScorer
 from eep.evaluate.reference import simple_scores
@@ -126,6 +127,35 @@ def test_failing_candidates_get_the_worst_fitness_and_the_evaluator_recovers(shi
     assert failed.fitness == WORST_FITNESS and "simulated" in failed.error
     monkeypatch.undo()
     assert evaluator.evaluate().error is None
+
+
+class _CountingTask:
+    """A task whose documents are dicts and whose ``doc_to_*`` count their calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def doc_iterator(self, *, rank, limit, world_size, samples):
+        return iter([(i, {"q": str(i)}) for i in (samples or range(limit))])
+
+    def doc_to_target(self, doc, doc_to_target=None):
+        self.calls += 1
+        return doc["q"] + "!"
+
+    doc_to_choice = doc_to_text = doc_to_target
+
+
+def test_fixed_docs_render_each_document_once_and_pass_other_documents_through():
+    task = _CountingTask()
+    docs = fixed_docs(task, limit=3, samples=None)
+    assert [i for i, _ in docs] == [0, 1, 2]
+    for _ in range(4):
+        assert [task.doc_to_target(doc) for _, doc in docs] == ["0!", "1!", "2!"]
+    assert task.calls == 3
+    assert task.doc_to_target({"q": "0"}) == "0!" and task.calls == 4  # an equal but other document
+    assert task.doc_to_target(docs[0][1], "x") == "0!" and task.calls == 5  # other arguments
+    again = fixed_docs(task, limit=None, samples=[2])  # memoised again: for the new documents only
+    assert task.doc_to_target(again[0][1]) == "2!" and task.doc_to_target(docs[1][1]) == "1!" and task.calls == 7
 
 
 class _FakeTask:
