@@ -93,6 +93,19 @@ def test_generation_scorer_equals_hflm_generate_until(shipped, evaluator):
     assert len(set(texts)) > 10
 
 
+def test_fallback_to_hflm_gives_the_same_metrics(shipped, evaluator, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok = shipped
+    assert LoglikelihoodScorer.build(HFLM(pretrained=model, tokenizer=tok, batch_size="auto", device="cpu"),
+                                     evaluator.encoded) is None
+    fast = evaluator.evaluate()
+    monkeypatch.setattr(evaluator, "_loglikelihood", None)
+    monkeypatch.setattr(evaluator, "_generation", None)
+    slow = evaluator.evaluate()
+    assert slow.error is None and slow.metrics == fast.metrics
+
+
 def test_row_sums_equal_lone_row_sums():
     torch.manual_seed(0)
     for length in range(1, 200):

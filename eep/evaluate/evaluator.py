@@ -2,7 +2,10 @@
 
 Tasks, their requests (rendered and tokenised once), the batches of the model calls and the ``HFLM`` wrapper are
 built once; per candidate only the model calls, the tasks' filters, ``process_results`` and lm-eval's own aggregation
-run. With the same model, task, split, limit and batch size the metrics equal ``lm_eval.simple_evaluate``'s.
+run. The model calls go through :class:`~eep.evaluate.scoring.LoglikelihoodScorer` and
+:class:`~eep.evaluate.generation.GenerationScorer`, which reproduce ``HFLM``'s batches and results exactly, or through
+``HFLM`` itself for set-ups they do not reproduce. With the same model, task, split, limit and batch size the metrics
+equal ``lm_eval.simple_evaluate``'s.
 """
 from __future__ import annotations
 
