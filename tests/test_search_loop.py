@@ -155,3 +155,15 @@ def test_batches_are_committed_in_ask_order_whatever_order_results_arrive():
                                           [0, 2], [1, 3]]  # batch 2 (the 2 left of the budget)
     assert told[4] == ([6, 7], 0.25) and told[0][1] == told[2][1] == 0.5
     assert pool.batches == [[[0, 1], [2, 3], [4, 5]], [[0, 2], [1, 3]]]
+
+
+def test_eep_pruning_breeds_from_a_genome_already_in_the_archive():
+    """A warm start: a good subset put in the archive before the phase is a parent from the first child on."""
+    archive, good = Archive(), Genome.pruning([[0, 1, 2, 3]] * 2, 8, 2)
+    archive.add(good, subset_fitness(good), "prune")
+    proposer = make_proposer("eep", "prune", archive, good, seed=0,
+                             settings=EEPSettings(population=1, group_change=1.0, row_repoint=0.25))
+    assert list(proposer.optimizer.population) == [good.content_hash()]
+    children = [proposer.ask() for _ in range(5)]
+    assert all(len(GOOD & set(c.kept(0))) + len(GOOD & set(c.kept(1))) >= 4 for c in children)
+    assert good.content_hash() not in {c.content_hash() for c in children}

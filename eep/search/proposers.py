@@ -191,8 +191,9 @@ def make_proposer(name: str, phase: str, archive: Archive, template: Genome, see
                   settings: EEPSettings | None = None, budget: int | None = None,
                   expert_groups: int = 1) -> NevergradProposer:
     """``name='eep'`` for the EEP strategy, else a nevergrad registry name; ``template`` fixes shape and groups (for
-    merging: the best genome so far, around which a registry optimiser starts; the EEP strategy is told the whole
-    archive instead)."""
+    merging: the best genome so far, around which a registry optimiser starts). The EEP strategy is told the archive
+    it may breed from: the pruning phase's genomes already there (a warm start, ``search.init_from``) or, for
+    merging, all of it."""
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}; choose one of {', '.join(PHASES)}")
     codec = Codec(phase, template, expert_groups)
@@ -200,6 +201,5 @@ def make_proposer(name: str, phase: str, archive: Archive, template: Genome, see
     if name != "eep":
         return NevergradProposer(nevergrad_optimizer(name, param, budget, seed), codec)
     proposer = NevergradProposer(EEPOptimizer(param, codec=codec, settings=settings, seed=seed), codec)
-    if phase == "merge":
-        proposer.seed(archive.scored())
+    proposer.seed(archive.scored(None if phase == "merge" else "prune"))
     return proposer
