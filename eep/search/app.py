@@ -202,7 +202,8 @@ def _finish(cfg, run_dir, replica: Replica, state, rows, search: dict) -> dict:
         "test": {"full": full_test, "best_in_place": best_test, "best_exported": exported_test},
         "validation": {"full": full_val, "best_in_place": next(iter(picked["metrics"][single].values()))
                        if single else picked["fitness"]},
-        "workers": search["workers"], "worker_restarts": search["worker_restarts"], "experts": {"before": mat.adapter.num_experts, "after": best.num_kept},
+        "workers": search["workers"], "worker_restarts": search["worker_restarts"],
+        "experts": {"before": mat.adapter.num_experts, "after": best.num_kept},
         "top_k": {"before": mat.adapter.top_k, "after": best.top_k},
         "parameters": {"before": F.parameter_counts(model, mat.adapter),
                        "after": F.parameter_counts(model, mat.adapter, best.num_kept)},

@@ -1,7 +1,8 @@
 """One eep-search run: validate the config, search on the search split, pick on validation, report on test, export.
 
 Files in the run folder: ``eep_config.yaml`` (the run's own config; Hydra rewrites ``.hydra/``), ``eep_state.pkl``
-(checkpoint after every evaluation), ``evaluations.jsonl`` (one row per distinct evaluation), ``best.json``,
+(checkpoint after every batch of asks, evaluation and commit), ``evaluations.jsonl`` (one row per distinct evaluation,
+in ask order), ``best.json``,
 ``report.json``, ``report.md``, ``curve.png`` and ``model/`` (the exported checkpoint).
 """
 from __future__ import annotations
@@ -10,6 +11,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -28,10 +30,16 @@ class UserError(ValueError):
     """A problem with the user's settings: printed as one line, exit status 2, no traceback."""
 
 
+NOT_HASHED = ("workers", "ray_address")  # evaluator keys that do not change which genomes a run evaluates
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of the run-defining config (``resume`` and ``resume_force`` excluded)."""
+    """Hash of the run-defining config (``resume``, ``resume_force``, ``evaluator.workers`` and
+    ``evaluator.ray_address`` excluded: a run may be resumed on another pool; its ``ask_batch`` is in its state)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in data.items() if k not in ("resume", "resume_force")}
+    if isinstance(data.get("evaluator"), dict):
+        data["evaluator"] = {k: v for k, v in data["evaluator"].items() if k not in NOT_HASHED}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -65,11 +73,25 @@ def check_settings(cfg: DictConfig, num_layers: int, num_experts: int, model_top
     return kept, top_k, depth_groups(num_layers, None if groups == "per_layer" else groups)
 
 
+def check_parallel(cfg: DictConfig) -> tuple[int, int]:
+    """``(ask_batch, workers)`` from ``search.ask_batch`` (null: the worker count) and ``evaluator.workers``, and
+    ``evaluator.threads`` checked; a UserError names the key."""
+    workers, threads, batch = cfg.evaluator.workers, cfg.evaluator.threads, cfg.search.ask_batch
+    if not isinstance(workers, int) or workers < 1:
+        raise UserError(f"evaluator.workers={workers!r}: must be an integer >= 1")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UserError(f"evaluator.threads={threads!r}: must be null (the default) or an integer >= 1")
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise UserError(f"search.ask_batch={batch!r}: must be null (evaluator.workers) or an integer >= 1")
+    return batch or workers, workers
+
+
 def new_state(cfg: DictConfig, template: Genome, expert_groups: int) -> SearchState:
     plan = (Phase("prune", cfg.optimizer.prune_name, cfg.search.prune_budget),
             Phase("merge", cfg.optimizer.merge_name, cfg.search.merge_budget))
     settings = EEPSettings(**OmegaConf.to_container(cfg.search.eep))
     return SearchState(plan=plan, template=template, seed=cfg.seed, settings=settings, expert_groups=expert_groups,
+                       ask_batch=check_parallel(cfg)[0],
                        extra={"config_hash": config_hash(cfg), "versions": package_versions()})
 
 
@@ -102,31 +124,44 @@ class RowLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line] if self.path.exists() else []
 
 
-def make_evaluate(materializer, evaluator, rows: RowLog, phase_of):
-    """``genome -> fitness`` on the search split, recording a row (metrics, seconds, error) per evaluation."""
+@dataclass
+class Evaluation:
+    """One candidate's result on the search split, as a worker returns it: ``fitness`` (-1 for a failed candidate),
+    ``metrics`` ``{task: {metric: value}}``, ``seconds`` (apply + score), ``error`` (None, or why it failed) and
+    ``applied`` (False if the materialiser refused the genome)."""
 
-    def evaluate(genome: Genome) -> float:
-        start = time.perf_counter()
-        try:
-            materializer.apply(genome)
-        except ValueError as err:  # an invalid candidate is contained like a failing one
-            rows.append({"genome_hash": genome.content_hash(), "phase": phase_of(), "fitness": -1.0, "metrics": {},
-                         "seconds": 0.0, "error": str(err)})
-            return -1.0
-        score = evaluator.evaluate()
-        rows.append({"genome_hash": genome.content_hash(), "phase": phase_of(), "fitness": score.fitness,
-                     "metrics": score.metrics, "seconds": round(time.perf_counter() - start, 4),
-                     "error": score.error, "genome": genome.to_dict()})
-        return score.fitness
-
-    return evaluate
+    fitness: float
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+    applied: bool = True
 
 
-def search(state: SearchState, evaluate, run_dir: Path, time_limit: float | None, progress=None) -> SearchState:
-    """Run (or go on with) the plan, checkpointing after every evaluation into ``run_dir``."""
+def score(materializer, evaluator, genome: Genome) -> Evaluation:
+    """Apply ``genome`` and score the model on the search split; an invalid candidate is contained like a failing
+    one (fitness -1, the reason in ``error``)."""
+    start = time.perf_counter()
+    try:
+        materializer.apply(genome)
+    except ValueError as err:
+        return Evaluation(-1.0, error=str(err), applied=False)
+    result = evaluator.evaluate()
+    return Evaluation(result.fitness, result.metrics, round(time.perf_counter() - start, 4), result.error)
+
+
+def row(genome: Genome, result: Evaluation, phase: str) -> dict:
+    """The ``evaluations.jsonl`` row of one evaluation (the genome itself unless the materialiser refused it)."""
+    out = {"genome_hash": genome.content_hash(), "phase": phase, "fitness": result.fitness,
+           "metrics": result.metrics, "seconds": result.seconds, "error": result.error}
+    return {**out, "genome": genome.to_dict()} if result.applied else out
+
+
+def search(state: SearchState, pool, run_dir: Path, time_limit: float | None, on_evaluated=None) -> SearchState:
+    """Run (or go on with) the plan on ``pool`` (``eep.search.loop.SerialPool`` or ``eep.parallel.RayPool``),
+    checkpointing into ``run_dir``; ``on_evaluated(genome, result, phase)`` per new genome, in ask order."""
     deadline = None if time_limit is None else time.monotonic() + float(time_limit)
-    return run_plan(state, evaluate, checkpoint=lambda s: save_checkpoint(s, run_dir / STATE),
-                    on_evaluated=progress, stop=None if deadline is None else lambda: time.monotonic() > deadline)
+    return run_plan(state, pool, checkpoint=lambda s: save_checkpoint(s, run_dir / STATE),
+                    on_evaluated=on_evaluated, stop=None if deadline is None else lambda: time.monotonic() > deadline)
 
 
 def write_best(run_dir: Path, fitness: float, genome: Genome) -> None:
