@@ -1,7 +1,8 @@
 """Layer-wise enumeration pruning (Lu et al. 2024): per layer the kept subset that best reproduces the layer's output.
 
 For MoE layer ``l`` with calibration inputs ``X: [T, H]`` the target is the routed output of the original layer,
-``Z = sum_{e in topk(x)} g_e(x) f_e(x)`` (top-``k`` of all ``E`` experts); a kept subset ``S`` (``|S| = E'``) gives
+``Z = sum_{e in topk(x)} g_e(x) f_e(x)`` (top-``k`` of all ``E`` experts; every ``f_e(X)`` computed once by the
+model's experts module); a kept subset ``S`` (``|S| = E'``) gives
 ``Z'_S`` with the dropped experts masked out of routing by eep's rule and the family's top-``k'`` over the rest (the
 physically pruned layer). The chosen ``S`` minimises ``sum_batches ||Z - Z'_S||_F`` (batches of ``chunk_tokens``
 tokens); shared experts cancel in the difference. ``enumeration`` uses the original model's ``X`` for every layer;
@@ -27,37 +28,42 @@ from eep.materialize import Materializer
 from eep.methods.registry import MethodError, register
 from eep.methods.result import MethodResult
 from eep.methods.selection import keep_top, per_block
-from eep.methods.statistics import collect, route_subset
+from eep.methods.statistics import collect, expert_outputs, route_subset
 
 log = logging.getLogger(__name__)
 
 
-def routed_output(materializer: Materializer, layer: MoELayer, x: torch.Tensor, kept: torch.Tensor,
-                  top_k: int) -> torch.Tensor:
-    """``float[T, H]``: the layer's routed experts' output on ``x: [T, H]`` with only ``kept`` experts routable."""
+def routed_output(materializer: Materializer, layer: MoELayer, x: torch.Tensor, outputs: torch.Tensor,
+                  kept: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``float[T, H]``: ``sum_j w_j f_{s_j}(x)`` over the family's top-``k`` routing among ``kept`` experts only, for
+    ``x: [T, H]`` with every expert's output ``outputs: float[E, T, H]`` precomputed."""
     weights, slots = route_subset(materializer, layer, x, kept, top_k)
-    return layer.experts(x, slots, weights).float()
+    tokens = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    return (weights.float().unsqueeze(-1) * outputs[slots, tokens]).sum(1)
 
 
 class LayerProblem:
-    """One layer's enumeration problem: inputs in batches, their targets, and the error of a kept subset."""
+    """One layer's enumeration problem: inputs in batches, every expert's output on them (``E * T * H`` floats, the
+    memory this costs), the targets, and the error of a kept subset."""
 
     def __init__(self, materializer: Materializer, layer: MoELayer, inputs: torch.Tensor, top_k: int,
                  chunk_tokens: int):
         self.materializer, self.layer, self.top_k = materializer, layer, top_k
-        everyone = torch.arange(materializer.adapter.num_experts, device=inputs.device)
-        x = inputs.to(layer.experts.gate_up_proj.dtype)
-        self.chunks = list(x.split(chunk_tokens))
-        self.targets = [routed_output(materializer, layer, c, everyone, materializer.adapter.top_k)
+        num_experts = materializer.adapter.num_experts
+        everyone = torch.arange(num_experts, device=inputs.device)
+        self.chunks = list(inputs.to(layer.experts.gate_up_proj.dtype).split(chunk_tokens))
+        self.outputs = [torch.stack([expert_outputs(layer, c, e).float() for e in range(num_experts)])
                         for c in self.chunks]
+        self.targets = [routed_output(materializer, layer, c, f, everyone, materializer.adapter.top_k)
+                        for c, f in zip(self.chunks, self.outputs)]
         self.evaluated = 0
 
     def error(self, kept: list[int]) -> float:
         """``sum_batches ||Z - Z'_S||_F`` for ``S = kept``."""
         idx = torch.tensor(sorted(kept), device=self.chunks[0].device)
         self.evaluated += 1
-        return sum(torch.linalg.norm(z - routed_output(self.materializer, self.layer, c, idx, self.top_k)).item()
-                   for c, z in zip(self.chunks, self.targets))
+        return sum(torch.linalg.norm(z - routed_output(self.materializer, self.layer, c, f, idx, self.top_k)).item()
+                   for c, f, z in zip(self.chunks, self.outputs, self.targets))
 
 
 def _exhaustive(problem: LayerProblem, blocks) -> list[int]:

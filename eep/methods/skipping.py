@@ -39,11 +39,10 @@ def skip_weights(weights: torch.Tensor, betas: torch.Tensor) -> torch.Tensor:
     return kept * (weights.sum(-1, keepdim=True) / kept.sum(-1, keepdim=True))
 
 
-def skip_ratio_medians(weights: torch.Tensor) -> torch.Tensor:
-    """``float[k'-1]``: per rank ``r >= 2`` the median over tokens of ``w_r / w_1`` (``weights: [T, k']``)."""
+def skip_ratios(weights: torch.Tensor) -> torch.Tensor:
+    """``float[T, k'-1]``: per token and rank ``r >= 2`` the ratio ``w_r / w_1`` (``weights: [T, k']``)."""
     sorted_w = weights.float().sort(dim=-1, descending=True).values
-    ratios = sorted_w[:, 1:] / sorted_w[:, :1].clamp_min(1e-30)
-    return ratios.median(dim=0).values
+    return sorted_w[:, 1:] / sorted_w[:, :1].clamp_min(1e-30)
 
 
 def skipping_patch(betas: list[list[float]]) -> dict[int, RoutingPatch]:
@@ -67,11 +66,12 @@ def skipping(materializer: Materializer, calibration: dict, *, num_kept: int, to
         genome, info = base.genome, {"pruned_by": prune, "prune_info": base.info}
     with materializer.applied(genome):
         stats = collect(materializer, calibration)
-    betas = [(skip_ratio_medians(s.weights) * beta_scale).tolist() for s in stats]
-    skipped = [1 - (skip_weights(s.weights, torch.tensor(b)) > 0).float().mean().item() for s, b in zip(stats, betas)]
+    ratios = [skip_ratios(s.weights) for s in stats]
+    betas = [(r.median(dim=0).values * beta_scale).tolist() for r in ratios]
+    skipped = [(r < torch.tensor(b)).float().mean(0).tolist() for r, b in zip(ratios, betas)]
     log.info("skipping betas per layer: %s", betas)
     return MethodResult("skipping", genome, routing=skipping_patch(betas) if top_k > 1 else None,
                         info={**info, "betas": betas, "beta_scale": beta_scale,
-                              "calibration_share_of_chosen_experts_skipped": skipped,
+                              "calibration_share_skipped_per_rank": skipped,
                               "rule": "skip rank r>=2 when w_r < beta_r * w_1; kept weights rescaled to the top-k' sum",
                               "semantics": "runtime routing patch on top of the genome; plain transformers ignores it"})
