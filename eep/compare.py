@@ -174,8 +174,24 @@ def _calibration(cfg: DictConfig, model, tok) -> dict:
 
 
 def _notes(info: dict) -> str:
-    keys = ("semantics", "fallback", "rank", "factored_bytes_saved", "betas")
-    return "; ".join(f"{k}={info[k]}" for k in keys if info.get(k) is not None)[:300]
+    """A short summary of a method's ``info`` for the table (the whole of it is in the method's export)."""
+    notes = []
+    if "search" in info:  # enumeration: how each layer's subset was found
+        notes.append("subsets: " + ", ".join(f"{how} x{info['search'].count(how)}"
+                                             for how in dict.fromkeys(info["search"])))
+    if "pruned_by" in info:
+        notes.append(f"pruned by {info['pruned_by']}")
+    if "betas" in info:
+        skipped = [x for layer in info.get("calibration_share_skipped_per_rank", []) for x in layer]
+        share = f", {sum(skipped) / len(skipped):.0%} of later experts skipped on calibration" if skipped else ""
+        notes.append(f"skipping in process only{share}")
+    if "groups" in info:
+        notes.append("merged groups routed by the sum of members' probabilities")
+    if "ranks" in info:
+        ranks = [r for layer in info["ranks"] for r in layer]
+        notes.append(f"SVD ranks {min(ranks)}-{max(ranks)}; a factored format would save "
+                     f"{info['bytes_a_factored_format_would_save']:,} bytes (a vanilla export: none)")
+    return "; ".join(notes)
 
 
 def _append(path: Path, row: Row) -> None:
