@@ -1,4 +1,4 @@
-"""The methods library: each method's defining property on constructed cases, every family, bit-exact restore, export."""
+"""eep.methods: each method's defining property on constructed cases, every family, bit-exact restore, export."""
 import json
 
 import pytest
@@ -251,7 +251,8 @@ def test_calibration_from_the_mixed_corpus_and_from_a_task():
 
 def shipped():
     folder = eep.zoo.path("skills-mixtral")
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def test_skills_mixtral_results_export_and_reload_with_plain_transformers(tmp_path):

@@ -32,6 +32,8 @@ class ExpertRewrite:
     @torch.no_grad()
     def apply(self, materializer: Materializer) -> None:
         """Write the new weights (the model must be restored); the originals are kept for :meth:`undo`."""
+        if self.saved:
+            raise RuntimeError(f"{self.kind} is already applied: undo() it first")
         layers = materializer.layers
         for (layer, expert), new in self.slots.items():
             params = (layers[layer].experts.gate_up_proj, layers[layer].experts.down_proj)

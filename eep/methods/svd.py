@@ -42,6 +42,15 @@ def compress_expert(gate_up: torch.Tensor, down: torch.Tensor, rank: int | None,
     return torch.cat([parts[0][0], parts[1][0]]), parts[2][0], [r for _, r in parts], factored
 
 
+def aligned_experts(materializer: Materializer, layer, rewrite: ExpertRewrite) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of a layer's original ``(gate_up [E, 2I, H], down [E, H, I])`` with ``rewrite``'s slots written in."""
+    gate_up, down = (w.clone() for w in materializer.original_experts(layer))
+    for (index, expert), (new_gate_up, new_down) in rewrite.slots.items():
+        if index == layer.index:
+            gate_up[expert], down[expert] = new_gate_up, new_down
+    return gate_up, down
+
+
 @register("svd_compress")
 def svd_compress(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0,
                  rank: int | None = None, energy: float | None = 0.9) -> MethodResult:
@@ -52,24 +61,21 @@ def svd_compress(materializer: Materializer, calibration: dict, *, num_kept: int
     slots, ranks, merge = {}, [], torch.zeros_like(merged.genome.merge)
     dense = factored = 0
     for layer, groups in zip(materializer.layers, merged.info["groups"]):
-        gate_up, down = (w.clone() for w in materializer.original_experts(layer))
-        for (l, e), (g_u, d) in merged.rewrite.slots.items():
-            if l == layer.index:
-                gate_up[e], down[e] = g_u, d
-        layer_ranks = []
+        gate_up, down = aligned_experts(materializer, layer, merged.rewrite)
+        ranks.append([])
         for g, members in enumerate(groups):
             row = merged.genome.merge[layer.index, g:g + 1]
-            g_u, d, r, numbers = compress_expert(merge_experts(row, gate_up)[0], merge_experts(row, down)[0], rank,
-                                                 energy)
-            slots[layer.index, members[0]] = (g_u, d)
+            new_gate_up, new_down, r, numbers = compress_expert(merge_experts(row, gate_up)[0],
+                                                                merge_experts(row, down)[0], rank, energy)
+            slots[layer.index, members[0]] = (new_gate_up, new_down)
             merge[layer.index, g, members[0]] = 1.0
-            layer_ranks.append(r)
-            dense, factored = dense + (g_u.numel() + d.numel()) * g_u.element_size(), factored + numbers * g_u.element_size()
-        ranks.append(layer_ranks)
-    genome = Genome.merging(merged.genome.router_map, merge, top_k)
+            ranks[-1].append(r)
+            dense += (new_gate_up.numel() + new_down.numel()) * new_gate_up.element_size()
+            factored += numbers * new_gate_up.element_size()
     info = {**merged.info, "ranks": ranks, "rank": rank, "energy": energy, "merged_expert_bytes_dense": dense,
             "merged_expert_bytes_factored": factored, "bytes_a_factored_format_would_save": dense - factored,
             "bytes_saved_by_vanilla_export_beyond_merge": 0,
             "note": "a vanilla export stores the dense reconstruction: no bytes saved on disk beyond the merge"}
-    return MethodResult("svd_compress", genome, rewrite=ExpertRewrite("SVD reconstruction of merged experts", slots,
-                                                                      function_preserving=False), info=info)
+    rewrite = ExpertRewrite("SVD reconstruction of merged experts", slots, function_preserving=False)
+    return MethodResult("svd_compress", Genome.merging(merged.genome.router_map, merge, top_k), rewrite=rewrite,
+                        info=info)
