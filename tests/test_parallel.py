@@ -1,6 +1,10 @@
 """Parallel evaluation on Ray: 2 local CPU workers give the serial run's genomes and best; a worker killed mid-candidate
 is replaced and its genome re-queued; a parallel run killed mid-batch resumes exactly. One local Ray instance serves
-the whole module (its start-up takes seconds)."""
+the whole module (its start-up takes seconds). And the Hydra launcher configs compose.
+
+Ray and the launchers are the extras ``eep[ray,launchers]``: missing, these tests are skipped with a reason, except
+where ``EEP_REQUIRE_EXTRAS=1`` (CI sets it), where a missing extra is an error."""
+import importlib
 import json
 import logging
 import os
@@ -14,20 +18,28 @@ from eep.genome import Genome
 from eep.search.state import Phase, SearchState, load_checkpoint, run_plan, save_checkpoint
 from eep.search.strategy import EEPSettings
 
-try:
-    import ray
-except ImportError:  # CI installs eep[ray] and sets EEP_REQUIRE_RAY=1, so there this is an error, not a skip
-    if os.environ.get("EEP_REQUIRE_RAY"):
-        raise
-    pytest.skip("Ray is not installed (pip install 'eep[ray]')", allow_module_level=True)
-
-from eep.parallel import RayPool  # noqa: E402
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+from eep.parallel import RayPool
 
 
-@pytest.fixture(scope="module", autouse=True)
+def optional(module: str):
+    """``module`` imported, or None (tests needing it skip) unless EEP_REQUIRE_EXTRAS is set (CI)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("EEP_REQUIRE_EXTRAS"):
+            raise
+        return None
+
+
+ray = optional("ray")
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed (pip install 'eep[ray]')")
+if ray is not None:
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+
+
+@pytest.fixture(scope="module")
 def local_ray():
+    """One local Ray instance (2 CPUs) for every Ray test of the module."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -60,7 +72,8 @@ def cheap_worker(flag: str, victim: int):
     return score
 
 
-def test_a_worker_killed_mid_candidate_is_replaced_and_the_run_equals_the_serial_one(tmp_path, caplog):
+@needs_ray
+def test_a_worker_killed_mid_candidate_is_replaced_and_the_run_equals_the_serial_one(local_ray, tmp_path, caplog):
     serial = run_plan(new_state(), fitness)
     flag = str(tmp_path / "killed")
     with caplog.at_level(logging.WARNING, logger="eep.parallel"), \
@@ -72,7 +85,8 @@ def test_a_worker_killed_mid_candidate_is_replaced_and_the_run_equals_the_serial
     assert "died while evaluating genome" in caplog.text and "re-queueing" in caplog.text
 
 
-def test_a_parallel_run_killed_mid_batch_resumes_to_the_uninterrupted_result(tmp_path):
+@needs_ray
+def test_a_parallel_run_killed_mid_batch_resumes_to_the_uninterrupted_result(local_ray, tmp_path):
     full = run_plan(new_state(), fitness)
     path, saves = tmp_path / "state.pkl", [0]
 
@@ -95,17 +109,18 @@ def test_a_parallel_run_killed_mid_batch_resumes_to_the_uninterrupted_result(tmp
     assert resumed.archive.best()[1] == full.archive.best()[1] and load_checkpoint(path).finished
 
 
-def test_eep_search_with_two_workers_evaluates_the_serial_runs_genomes(tmp_path):
+@needs_ray
+def test_eep_search_with_two_workers_evaluates_the_serial_runs_genomes(local_ray, tmp_path):
     """``evaluator.workers=2 evaluator.threads=1`` = ``search.ask_batch=2 evaluator.threads=1``: the same rows (in ask
     order, same fitness and metrics), best genome and fitness; report.json records the workers."""
-    from test_search_app import config
+    from conftest import compose_config
 
     from eep.search import app
 
     tiny = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "search.prune_budget=4",
             "search.merge_budget=2", "search.eep.population=3", "evaluator.limit=20", "evaluator.validation_limit=10",
             "evaluator.test_limit=10", "search.final_candidates=1", "evaluator.threads=1"]
-    reports = {name: app.run(config([*tiny, extra]), tmp_path / name)
+    reports = {name: app.run(compose_config("eep_search", [*tiny, extra]), tmp_path / name)
                for name, extra in (("serial", "search.ask_batch=2"), ("parallel", "evaluator.workers=2"))}
     rows = {name: [(r["genome_hash"], r["fitness"], r["metrics"]) for r in map(
         json.loads, (tmp_path / name / "evaluations.jsonl").read_text().splitlines())] for name in reports}
@@ -114,3 +129,26 @@ def test_eep_search_with_two_workers_evaluates_the_serial_runs_genomes(tmp_path)
     assert best["parallel"] == best["serial"]
     assert reports["parallel"]["workers"] == 2 and reports["serial"]["workers"] == 1
     assert reports["parallel"]["worker_restarts"] == []
+
+
+@pytest.mark.parametrize("launcher, plugin, target", [
+    ("joblib_cpu", "hydra_plugins.hydra_joblib_launcher", "joblib_launcher.JoblibLauncher"),
+    ("slurm_gpu", "hydra_plugins.hydra_submitit_launcher", "submitit_launcher.SlurmLauncher"),
+])
+def test_launcher_configs_compose_with_sweeps_under_runs(launcher, plugin, target):
+    """``hydra/launcher=joblib_cpu`` and ``=slurm_gpu`` compose and build their launcher (no SLURM needed to build
+    it); sweep folders go under runs/multirun/."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    import eep
+
+    if optional(plugin) is None:
+        pytest.skip(f"{plugin} is not installed (pip install 'eep[launchers]')")
+    with initialize_config_dir(version_base="1.3", config_dir=str(eep.conf_dir())):  # with the hydra node
+        cfg = compose(config_name="eep_search", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == f"{plugin}.{target}"
+    assert cfg.hydra.sweep.dir.startswith("runs/multirun/")
+    assert type(instantiate(cfg.hydra.launcher)).__name__ == target.split(".")[-1]
+    if launcher == "slurm_gpu":
+        assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.submitit_folder.startswith("runs/")

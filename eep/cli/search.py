@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import eep
+from eep.parallel import WorkerLost
 from eep.search import run as R
 
 
@@ -53,6 +54,9 @@ def app(cfg: DictConfig) -> None:
     except (ValueError, FileNotFoundError, FileExistsError) as err:  # user errors: settings, tasks, genomes, folders
         print(f"eep-search: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except WorkerLost as err:  # a candidate that keeps killing its Ray worker: the run stays resumable
+        print(f"eep-search: error: {err}; resume with resume={run_dir}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:
