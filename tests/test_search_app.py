@@ -27,10 +27,12 @@ def config(overrides):
     ("search.prune_budget=-1", "search.prune_budget=-1: must be an integer >= 0"),
     ("optimizer.name=NGopt", "optimizer.prune_name: unknown nevergrad optimizer 'NGopt'. Close names: NGOpt"),
     ("task.names=[skills_sorted]", "unknown lm-eval task 'skills_sorted'"),
+    ("search.init_from=m_smoe", "search.init_from=m_smoe: use one of random, frequency"),
+    ("search.init_from=reap search.layer_groups=2", "search.init_from=reap gives one genome pair per layer"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, override, message):
     with pytest.raises((UserError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
-        app.run(config([*TINY, override]), tmp_path / "run")
+        app.run(config([*TINY, *override.split()]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -180,3 +182,20 @@ def test_cli_multirun_sweep_writes_one_finished_run_per_job_under_runs(tmp_path)
     assert [p.parent.name for p in reports] == ["0", "1"]
     assert [json.loads(p.read_text())["seed"] for p in reports] == [1, 2]
     assert out.stdout.count("eep (exported)") == 2
+
+
+def test_init_from_makes_the_methods_genome_the_first_evaluation(tmp_path):
+    """``search.init_from=reap``: REAP's genome (calibrated on the search split) is evaluated first, in the pruning
+    phase, and the run goes on from it."""
+    from eep.materialize import Materializer
+    from eep.methods import calibration_batch, compute
+    from eep.models import load_model, model_config
+
+    cfg = config([*TINY, "search.init_from=reap"])
+    app.run(cfg, tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
+    model, tok = load_model(model_config("skills_olmoe"))
+    calibration = calibration_batch(model, tok, app.make_evaluator(cfg, model, tok, "search"), n=20)
+    reap = compute("reap", model, Materializer(model), calibration, num_kept=8, top_k=4).genome
+    assert rows[0]["genome_hash"] == reap.content_hash() and rows[0]["phase"] == "prune"
+    assert len(rows) == 7 and len({r["genome_hash"] for r in rows}) == 7

@@ -65,7 +65,24 @@ def validate(cfg: DictConfig):
         _ray()
     adapter, layers, experts, top_k = _shape(cfg)
     kept, k, groups = R.check_settings(cfg, layers, experts, top_k)
+    _check_init_from(cfg, len(groups), layers)
     return adapter, kept, k, groups
+
+
+# methods whose result is a genome over the original weights alone (no weight rewrite, no routing patch)
+SEEDABLE = ("random", "frequency", "soft_activation", "reap", "enumeration", "enumeration_progressive", "hc_smoe")
+
+
+def _check_init_from(cfg: DictConfig, num_groups: int, num_layers: int) -> None:
+    method = cfg.search.init_from
+    if method is None:
+        return
+    if method not in SEEDABLE:
+        raise R.UserError(f"search.init_from={method}: use one of {', '.join(SEEDABLE)} (methods whose result is a "
+                          "genome alone; m_smoe and svd_compress rewrite expert weights, skipping patches routing)")
+    if num_groups != num_layers:
+        raise R.UserError(f"search.init_from={method} gives one genome pair per layer: use it with "
+                          f"search.layer_groups=per_layer (not {cfg.search.layer_groups})")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -158,6 +175,7 @@ def _run(cfg: DictConfig, run_dir: Path, state) -> dict:
             rows.append(R.row(genome, result, phase))
             bar(genome, result, phase)
 
+        _init_from(cfg, state, pool, replica, run_dir, record)
         state = R.search(state, pool, run_dir, cfg.search.time_limit, on_evaluated=record)
         restarts = list(getattr(pool, "events", []))
     search = {"search_seconds": time.time() - start, "workers": cfg.evaluator.workers, "worker_restarts": restarts}
@@ -166,6 +184,34 @@ def _run(cfg: DictConfig, run_dir: Path, state) -> dict:
         return {}
     R.write_best(run_dir, *state.archive.best())
     return _finish(cfg, run_dir, replica or Replica(cfg, search=False), state, rows, search)
+
+
+def _init_from(cfg: DictConfig, state, pool, replica: Replica | None, run_dir: Path, record) -> None:
+    """``search.init_from=<method>``: the method's genome (``eep.methods``, calibrated on the search split's first
+    ``evaluator.limit`` documents) is the run's first evaluation, in the pruning phase if it is a pruning genome
+    (it counts toward that budget) and the merging phase otherwise, so that the EEP strategy breeds from it. Once per
+    run: a resumed run already has it in its archive."""
+    from eep.methods import calibration_batch, compute
+
+    method = cfg.search.init_from
+    if method is None or state.archive.entries or state.phase_index > 0:
+        return
+    source = replica or Replica(cfg, search=False)
+    calibration = calibration_batch(source.model, source.tok, make_evaluator(cfg, source.model, source.tok, "search"),
+                                    n=cfg.evaluator.limit or 64)
+    t = state.template
+    genome = compute(method, source.model, source.mat, calibration, num_kept=t.num_kept, top_k=t.top_k,
+                     seed=cfg.seed).genome
+    phase = "prune" if genome.is_pruning else "merge"
+
+    def done(genome, result) -> None:
+        state.archive.add(genome, result.fitness, phase)
+        record(genome, result, phase)
+        R.save_checkpoint(state, run_dir / R.STATE)
+
+    pool.run([genome], done)
+    log.info("search.init_from=%s: genome %s, fitness %.4f", method, genome.content_hash(),
+             state.archive.fitness(genome))
 
 
 def _finish(cfg, run_dir, replica: Replica, state, rows, search: dict) -> dict:
