@@ -84,7 +84,9 @@ class Genome:
             if bad:
                 raise GenomeError(f"layer group {g} keeps experts {bad} outside 0..{num_experts - 1}")
         mats = torch.stack([_one_hot(k, num_experts) for k in kept])
-        return cls(mats, mats.clone(), top_k, groups)
+        genome = cls(mats, mats.clone(), top_k, groups)
+        genome.__dict__["_kept_per_group"] = tuple(tuple(sorted(int(e) for e in k)) for k in kept)  # known here
+        return genome
 
     @classmethod
     def merging(cls, router_map: torch.Tensor, merge: torch.Tensor, top_k: int,

@@ -172,7 +172,7 @@ class Materializer:
             return
         originals = self._banked(layer)
         for param, original in zip((layer.experts.gate_up_proj, layer.experts.down_proj), originals):
-            param.data[: merge.shape[0]].copy_(merge_experts(merge, original))
+            merge_experts(merge, original, out=param.data[: merge.shape[0]])
         self.merged[layer.index] = merge.clone()
         self.remerged_layers += 1
 
@@ -184,7 +184,12 @@ class Materializer:
             param.data[: merge.shape[0]].copy_(original[: merge.shape[0]])
 
 
-def merge_experts(merge: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``W_EM @ W``: ``merge: float[E', E]``, ``weights: [E, A, B]`` -> ``[E', A, B]`` (computed in float32)."""
-    out = torch.einsum("ji,iab->jab", merge.to(weights.device, torch.float32), weights.float())
-    return out.to(weights.dtype)
+def merge_experts(merge: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W_EM @ W``: ``merge: float[E', E]``, ``weights: [E, A, B]`` -> ``[E', A, B]`` (computed in float32), written
+    into ``out`` if given (float32 weights: one matrix product straight into it, no temporary)."""
+    merge = merge.to(weights.device, torch.float32)
+    if out is not None and weights.dtype == torch.float32 and out.is_contiguous() and weights.is_contiguous():
+        torch.mm(merge, weights.view(weights.shape[0], -1), out=out.view(merge.shape[0], -1))
+        return out
+    merged = torch.einsum("ji,iab->jab", merge, weights.float()).to(weights.dtype)
+    return merged if out is None else out.copy_(merged)
