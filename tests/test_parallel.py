@@ -56,6 +56,15 @@ def new_state(ask_batch: int = 2) -> SearchState:
                        ask_batch=ask_batch)
 
 
+def _first(flag: str) -> bool:
+    """True for the one process that creates ``flag`` (atomically: both workers may reach it at once)."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+        return True
+    except FileExistsError:
+        return False
+
+
 def cheap_worker(flag: str, victim: int):
     """A worker's scorer: the synthetic fitness, a little slow; while ``flag`` does not exist, the ``victim``-th
     genome it scores kills its own process (SIGKILL) mid-candidate, once."""
@@ -63,8 +72,7 @@ def cheap_worker(flag: str, victim: int):
 
     def score(genome):
         scored.append(genome)
-        if len(scored) == victim and not os.path.exists(flag):
-            open(flag, "w").close()
+        if len(scored) == victim and _first(flag):
             os.kill(os.getpid(), signal.SIGKILL)
         time.sleep(0.05)
         return fitness(genome)
@@ -83,6 +91,29 @@ def test_a_worker_killed_mid_candidate_is_replaced_and_the_run_equals_the_serial
     assert parallel.finished and list(parallel.archive.entries) == list(serial.archive.entries)
     assert parallel.archive.best()[1] == serial.archive.best()[1]
     assert "died while evaluating genome" in caplog.text and "re-queueing" in caplog.text
+
+
+@needs_ray
+def always_dies_on(kept: list[int]):
+    """A worker's scorer that kills its process whenever it scores a genome keeping ``kept`` in layer 0."""
+
+    def score(genome):
+        if genome.kept(0) == kept:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fitness(genome)
+
+    return score
+
+
+@needs_ray
+def test_a_genome_that_keeps_killing_workers_stops_the_search_with_worker_lost(local_ray):
+    from eep.parallel import WorkerLost
+
+    killer, done = Genome.pruning([[4, 5, 6, 7]] * 2, 8, 2), []
+    with RayPool(lambda: always_dies_on([4, 5, 6, 7]), workers=2, threads=1, max_retries=2) as pool:
+        with pytest.raises(WorkerLost, match="killed 2 Ray workers in a row"):
+            pool.run([killer], lambda g, r: done.append(r))
+        assert [e["genome_hash"] for e in pool.events] == [killer.content_hash()] * 2 and done == []
 
 
 @needs_ray
