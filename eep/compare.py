@@ -234,16 +234,21 @@ def plot(rows: list[Row], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for method in dict.fromkeys(r.method for r in rows if r.method != "full"):
-        pts = sorted((r.num_experts, r.test_score) for r in rows if r.method == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colours, markers = plt.get_cmap("tab20").colors, "osD^v<>pP*Xh"
+    for i, method in enumerate(dict.fromkeys(r.method for r in rows if r.method != "full")):
+        pts = sorted((r.num_experts, r.test_score, r.test_std or 0.0) for r in rows if r.method == method)
+        xs, ys, errs = zip(*pts)
+        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker=markers[i % len(markers)], capsize=3,
+                    color="black" if method == "eep" else colours[(2 * i) % 20 + (i // 10) % 2],
+                    linewidth=2.5 if method == "eep" else 1.2,
+                    label=method)
     for r in rows:
         if r.method == "full":
-            ax.axhline(r.test_score, color="black", linestyle="--", label=f"full ({r.num_experts} experts)")
+            ax.axhline(r.test_score, color="grey", linestyle="--", label=f"full ({r.num_experts} experts)")
     ax.set_xlabel("experts kept per MoE layer")
     ax.set_ylabel("test score")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
