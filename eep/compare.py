@@ -188,10 +188,16 @@ def _notes(info: dict) -> str:
     if "groups" in info:
         notes.append("merged groups routed by the sum of members' probabilities")
     if "ranks" in info:
-        ranks = [r for layer in info["ranks"] for r in layer]
+        ranks = list(_flat(info["ranks"]))
         notes.append(f"SVD ranks {min(ranks)}-{max(ranks)}; a factored format would save "
                      f"{info['bytes_a_factored_format_would_save']:,} bytes (a vanilla export: none)")
     return "; ".join(notes)
+
+
+def _flat(nested):
+    """The numbers of a nested list, in order."""
+    for item in nested:
+        yield from (_flat(item) if isinstance(item, (list, tuple)) else [item])
 
 
 def _append(path: Path, row: Row) -> None:
