@@ -59,6 +59,7 @@ class Genome:
         object.__setattr__(self, "groups", tuple(tuple(int(i) for i in g) for g in self.groups))
         object.__setattr__(self, "top_k", int(self.top_k))
         self.check()
+        self._num_layers  # noqa: B018  (cached once: an apply reads it)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -86,6 +87,7 @@ class Genome:
         mats = torch.stack([_one_hot(k, num_experts) for k in kept])
         genome = cls(mats, mats.clone(), top_k, groups)
         genome.__dict__["_kept_per_group"] = tuple(tuple(sorted(int(e) for e in k)) for k in kept)  # known here
+        genome.layer_masks, genome.is_pruning  # noqa: B018  (known with the genome: an apply only reads them)
         return genome
 
     @classmethod
@@ -98,6 +100,10 @@ class Genome:
     # ------------------------------------------------------------------ shape and kind
     @property
     def num_layers(self) -> int:
+        return self._num_layers
+
+    @cached_property
+    def _num_layers(self) -> int:  # filled by __post_init__; computed here for genomes unpickled from older versions
         return sum(len(g) for g in self.groups)
 
     @property
@@ -135,14 +141,21 @@ class Genome:
         """Every row of ``W_EM[g]`` one-hot and ``W_RM[g] == W_EM[g]``."""
         return self._kept_per_group[g] is not None
 
-    @property
+    @cached_property
     def is_pruning(self) -> bool:
+        """Every group is a pruning group."""
         return all(k is not None for k in self._kept_per_group)
 
     def kept(self, layer: int) -> list[int] | None:
         """Sorted expert indices that MoE layer ``layer`` keeps, or None if its group is not a pruning group."""
         kept = self._kept_per_group[self.group_of(layer)]
         return None if kept is None else list(kept)
+
+    @cached_property
+    def layer_masks(self) -> torch.Tensor:
+        """``bool[L, E]``: per MoE layer, the experts some row of ``W_RM`` uses (the others are masked out)."""
+        used = (self.router_map != 0).any(dim=1)
+        return used[[self.group_of(layer) for layer in range(self.num_layers)]]
 
     def used_experts(self, layer: int) -> torch.Tensor:
         """``bool[E]``: experts that some row of ``W_RM`` uses (the others are masked out of routing)."""

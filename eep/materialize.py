@@ -3,9 +3,10 @@
 One routing rule for every genome (METHODS.md section 1): experts that no row of ``W_RM`` uses are masked out of
 routing, ``p' = W_RM p`` over the rest, then the family's own top-k' and renormalisation. Two ways to compute it:
 
-- a *pruning* layer (one-hot rows, ``W_RM = W_EM``, kept experts ``K``) runs the family's own router on the kept
-  rows of the gate, ``z' = W_G[K] x``, and maps the chosen positions back to the experts' original slots ``K``: the
-  physically pruned model's router, and no expert weight is copied;
+- a *pruning* layer (one-hot rows, ``W_RM = W_EM``, kept experts ``K``) runs the family's own router with the
+  dropped experts' logits at ``-inf`` (``keep: bool[E]``, read at forward time from one ``bool[L, E]`` tensor): the
+  physically pruned model's router, choosing among the original slots ``K``, and no expert weight is copied; an
+  apply of a pruning genome after another writes that one tensor and nothing else;
 - a *merging* layer writes ``W_EM @ W`` (for ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``) into slots
   ``0..E'-1`` of the fused expert tensors (originals kept in a bank: at most one copy of the expert tensors, on
   ``bank_device``) and routes with ``p' = W_RM softmax(mask(z))``.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -31,37 +32,46 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Route:
-    """What a patched router needs: kept rows (pruning) or the mapping (merging), and the slots of the new experts."""
+    """What a patched merging router needs: the mapping and the slots of the new experts."""
 
     top_k: int
     slots: torch.Tensor                      # long[E']: expert slot of new expert j
-    weight: torch.Tensor | None = None       # pruning: router rows of the kept experts [E', H]
-    buffers: dict = field(default_factory=dict)
-    router_map: torch.Tensor | None = None   # merging: W_RM [E', E]
-    used: torch.Tensor | None = None         # merging: bool[E], experts some row of W_RM uses
+    router_map: torch.Tensor                 # W_RM [E', E]
+    used: torch.Tensor                       # bool[E], experts some row of W_RM uses
+
+
+MASKED = "masked"   # ``installed`` value of a layer whose router is the masked (pruning) one
 
 
 RoutingPatch = Callable[[torch.Tensor], torch.Tensor]   # routing weights [T, k'] -> [T, k'] (e.g. dynamic skipping)
 
 
-def _patched_forward(adapter: MoEAdapter, router: nn.Module, route: _Route,
-                     patch: Callable[[], RoutingPatch | None] | None = None):
-    """A replacement for ``router.forward`` returning ``(logits, weights [T, k'], slots [T, k'])`` as the original.
+def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch: Callable[[], RoutingPatch | None]):
+    """A replacement for ``router.forward`` returning ``(log p' [T, E'], weights [T, k'], slots [T, k'])``.
 
-    ``patch`` (optional) returns the layer's current routing patch, applied to the weights after the family's rule.
+    ``patch()`` returns the layer's current routing patch (or None), applied to the weights after the family's rule.
     """
 
     def forward(hidden_states: torch.Tensor):
-        if route.router_map is None:
-            logits = adapter.logits(router, hidden_states, route.weight)
-            weights, idx = adapter.route(router, logits, route.top_k, route.buffers)
-        else:
-            full = adapter.logits(router, hidden_states, router.weight)
-            logits, weights, idx = adapter.route_mapped(router, full, route.router_map, route.used, route.top_k)
-        fn = patch() if patch is not None else None
-        if fn is not None:
-            weights = fn(weights)
-        return logits, weights, route.slots[idx]
+        full = adapter.logits(router, hidden_states, router.weight)
+        logits, weights, idx = adapter.route_mapped(router, full, route.router_map, route.used, route.top_k)
+        fn = patch()
+        return logits, fn(weights) if fn is not None else weights, route.slots[idx]
+
+    return forward
+
+
+def _masked_forward(adapter: MoEAdapter, router: nn.Module, state: Materializer, index: int):
+    """A replacement for ``router.forward`` routing over the experts ``state.keep[index]`` at top-``state.keep_top_k``
+    (both read at call time): ``(logits [T, E], weights [T, k'], slots [T, k'])``, dropped logits at ``-inf``."""
+    names = adapter.router_buffers
+
+    def forward(hidden_states: torch.Tensor):
+        logits = adapter.logits(router, hidden_states, router.weight)
+        buffers = {b: getattr(router, b) for b in names}
+        weights, idx = adapter.route_masked(router, logits, state.keep[index], state.keep_top_k, buffers)
+        fn = state.route_patches.get(index)
+        return logits.masked_fill(~state.keep[index], float("-inf")), fn(weights) if fn is not None else weights, idx
 
     return forward
 
@@ -77,43 +87,58 @@ class Materializer:
         self.merged: dict[int, torch.Tensor] = {}                      # layer -> W_EM written into its slots
         self.genome: Genome | None = None
         self.remerged_layers = 0                                       # layers re-merged by the last apply
-        self.installed: dict[int, tuple | None] = {}                   # layer -> (kept, top_k) of its pruned route
+        self.installed: dict[int, str | None] = {}                     # layer -> MASKED, or None (merged route)
         self.route_patches: dict[int, RoutingPatch] = {}               # layer -> routing patch (cleared by restore)
+        self.keep: torch.Tensor | None = None                          # bool[L, E]: experts each pruning layer routes
+        self.keep_top_k = self.adapter.top_k
+        self._masked_everywhere = False                                # every layer has the masked router
 
     @property
     def layers(self) -> list[MoELayer]:
         return self.adapter.layers
 
-    @torch.no_grad()
     def apply(self, genome: Genome) -> None:
-        """Make the model compute ``genome`` (validated against the model and its architecture first)."""
+        """Make the model compute ``genome`` (validated against the model and its architecture first). A pruning
+        genome after a pruning genome only rewrites ``keep``."""
         self.adapter.validate(genome)
         self.remerged_layers = 0
-        for layer in self.layers:
-            kept = genome.kept(layer.index)
-            if kept is not None:
-                self._unmerge(layer)
-                key = (tuple(kept), genome.top_k)
-                if self.installed.get(layer.index) != key:  # unchanged layers are left as they are
-                    self._install(layer, self._pruned_route(layer, kept, genome.top_k), key)
-            else:
-                router_map, merge = genome.layer(layer.index)
-                self._merge(layer, merge)
-                device = layer.router.weight.device
-                route = _Route(genome.top_k, torch.arange(genome.num_kept, device=device),
-                               router_map=router_map.to(device), used=genome.used_experts(layer.index).to(device))
-                self._install(layer, route, None)
+        if not (genome.is_pruning and self._masked_everywhere):
+            self._install_layers(genome)
+        self._set_keep(genome)
         self.genome = genome
 
-    def _pruned_route(self, layer: MoELayer, kept: list[int], top_k: int) -> _Route:
-        idx = torch.tensor(kept, device=layer.router.weight.device)
-        buffers = {b: getattr(layer.router, b)[idx] for b in self.adapter.router_buffers}
-        return _Route(top_k, idx, weight=layer.router.weight[idx], buffers=buffers)
+    @torch.no_grad()
+    def _install_layers(self, genome: Genome) -> None:
+        """Pruning layers get the masked router (once), merging layers their merged slots and mapped router."""
+        for layer in self.layers:
+            if genome.kept(layer.index) is not None:
+                self._unmerge(layer)
+                if self.installed.get(layer.index) != MASKED:
+                    self._install(layer, _masked_forward(self.adapter, layer.router, self, layer.index), MASKED)
+            else:
+                self._apply_merging_layer(layer, genome)
+        self._masked_everywhere = all(self.installed.get(i.index) == MASKED for i in self.layers)
 
-    def _install(self, layer: MoELayer, route: _Route, key) -> None:
-        layer.router.forward = _patched_forward(self.adapter, layer.router, route,
-                                                lambda i=layer.index: self.route_patches.get(i))
-        self.installed[layer.index] = key
+    def _set_keep(self, genome: Genome) -> None:
+        """``keep[l]``: the experts layer ``l`` routes to (read by the masked routers; merging layers ignore it)."""
+        if self.keep is None:
+            self.keep = torch.ones(len(self.layers), self.adapter.num_experts, dtype=torch.bool,
+                                   device=self.layers[0].router.weight.device)
+        self.keep.copy_(genome.layer_masks)
+        self.keep_top_k = genome.top_k
+
+    def _apply_merging_layer(self, layer: MoELayer, genome: Genome) -> None:
+        router_map, merge = genome.layer(layer.index)
+        self._merge(layer, merge)
+        device = layer.router.weight.device
+        route = _Route(genome.top_k, torch.arange(genome.num_kept, device=device), router_map.to(device),
+                       genome.used_experts(layer.index).to(device))
+        self._install(layer, _merged_forward(self.adapter, layer.router, route,
+                                             lambda i=layer.index: self.route_patches.get(i)), None)
+
+    def _install(self, layer: MoELayer, forward, kind: str | None) -> None:
+        layer.router.forward = forward
+        self.installed[layer.index] = kind
 
     def patch_routing(self, patches: dict[int, RoutingPatch] | None) -> None:
         """Post-process the routing weights of MoE layers (``{layer: weights [T, k'] -> [T, k']}``) on top of the
@@ -149,6 +174,7 @@ class Materializer:
             self._unmerge(layer)
             layer.router.__dict__.pop("forward", None)
         self.installed.clear()
+        self._masked_everywhere = False
         self.route_patches = {}
         self.genome = None
 

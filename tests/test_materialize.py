@@ -203,13 +203,33 @@ def test_merged_export_refits_gates_and_reports_agreement(tokens, tmp_path):
     assert mat.genome is None  # the live model was left as it was found
 
 
-def test_consecutive_pruning_candidates_reroute_only_changed_layers(tokens):
+def test_consecutive_pruning_candidates_only_rewrite_the_keep_mask(tokens):
+    """After the first pruning genome, the next one installs nothing: the routers read the new ``keep`` rows."""
     model = build_tiny("mixtral")
     mat = Materializer(model)
     mat.apply(Genome.pruning([[0, 1, 2, 3], [4, 5, 6, 7], [0, 2, 4, 6]], 8, 2))
-    before = [layer.router.forward for layer in mat.layers]
+    before, keep = [layer.router.forward for layer in mat.layers], mat.keep
     mat.apply(Genome.pruning([[0, 1, 2, 3], [1, 5, 6, 7], [0, 2, 4, 6]], 8, 2))
-    after = [layer.router.forward for layer in mat.layers]
-    assert after[0] is before[0] and after[2] is before[2] and after[1] is not before[1]
+    assert all(layer.router.forward is f for layer, f in zip(mat.layers, before)) and mat.keep is keep
+    assert mat.keep[1].nonzero().flatten().tolist() == [1, 5, 6, 7]
     reference = physically_pruned(model, [[0, 1, 2, 3], [1, 5, 6, 7], [0, 2, 4, 6]], 2)
     torch.testing.assert_close(logits(model, tokens), logits(reference, tokens), atol=1e-5, rtol=0)
+
+
+def test_merging_then_pruning_then_merging_again_each_computes_its_own_candidate(tokens):
+    """Switching kinds in any order leaves no trace of the previous candidate (slots unmerged, routers replaced)."""
+    model = build_tiny("mixtral")
+    mat = Materializer(model)
+    merging = Genome.merging(torch.rand(3, 4, 8), torch.rand(3, 4, 8) / 4, 2)
+    mat.apply(merging)
+    merged = logits(model, tokens)
+    kept = [[0, 1, 2, 3], [1, 5, 6, 7], [0, 2, 4, 6]]
+    mat.apply(Genome.pruning(kept, 8, 2))
+    torch.testing.assert_close(logits(model, tokens), logits(physically_pruned(model, kept, 2), tokens), atol=1e-5,
+                               rtol=0)
+    mat.apply(merging)
+    assert torch.equal(logits(model, tokens), merged)
+    mat.restore()
+    mat.apply(Genome.pruning(kept, 8, 2))
+    torch.testing.assert_close(logits(model, tokens), logits(physically_pruned(model, kept, 2), tokens), atol=1e-5,
+                               rtol=0)

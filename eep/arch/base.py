@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ class MoEAdapter:
     """Softmax top-k routing (Mixtral, Qwen-MoE, OLMoE); subclasses declare locations and override what differs.
 
     Class attributes say where things live; ``route`` reproduces the family's router on given logits exactly, so that
-    routing over a kept subset (logits of the kept rows only) is the physically pruned model's router.
+    routing over a kept subset (``route_masked``: the dropped logits at -inf) is the physically pruned model's router.
     """
 
     model_types: tuple[str, ...] = ()
@@ -60,12 +61,14 @@ class MoEAdapter:
                                       getattr(block, self.experts_attr)))
         return found
 
-    @property
+    @cached_property
     def num_experts(self) -> int:
+        """``E``, read from the config once."""
         return int(getattr(self.config, self.num_experts_key))
 
-    @property
+    @cached_property
     def top_k(self) -> int:
+        """``k``, read from the config once."""
         return int(getattr(self.config, self.top_k_key))
 
     def renormalizes(self) -> bool:
@@ -81,6 +84,12 @@ class MoEAdapter:
         """The family's own rule on ``logits: [T, E*]`` -> ``(weights: [T, k], indices: long[T, k])``."""
         probs = F.softmax(logits, dtype=torch.float, dim=-1)
         return self._top_k(probs, top_k, logits.dtype)
+
+    def route_masked(self, router: nn.Module, logits: torch.Tensor, keep: torch.Tensor, top_k: int,
+                     buffers: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's rule over the kept experts only (``keep: bool[E]``; dropped logits set to ``-inf``), as the
+        physically pruned model routes: ``(weights: [T, k], indices: long[T, k])``, indices the original slots."""
+        return self.route(router, logits.masked_fill(~keep, float("-inf")), top_k, buffers)
 
     def _top_k(self, probs: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         values, indices = torch.topk(probs, top_k, dim=-1)

@@ -76,10 +76,12 @@ class DeepseekV3Adapter(MoEAdapter):
     def logits(self, router, hidden, weight):
         return F.linear(hidden.reshape(-1, weight.shape[1]).float(), weight.float())
 
-    def route(self, router, logits, top_k, buffers):
+    def route(self, router, logits, top_k, buffers, keep=None):
         n_group, n = router.num_group, logits.shape[-1]
         scores = logits.sigmoid()
         choice = scores + buffers["e_score_correction_bias"]
+        if keep is not None:  # sigmoid(-inf) + bias could still win: drop the experts from the choice itself
+            choice = choice.masked_fill(~keep, float("-inf"))
         group_scores = choice.view(-1, n_group, n // n_group).topk(2, dim=-1)[0].sum(dim=-1)
         group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
@@ -90,6 +92,9 @@ class DeepseekV3Adapter(MoEAdapter):
         if router.norm_topk_prob:
             weights /= weights.sum(dim=-1, keepdim=True) + 1e-20
         return weights * router.routed_scaling_factor, indices
+
+    def route_masked(self, router, logits, keep, top_k, buffers):
+        return self.route(router, logits, top_k, buffers, keep)
 
     def validate(self, genome: Genome) -> None:
         super().validate(genome)
