@@ -58,7 +58,7 @@ def start_phase(state: SearchState) -> None:
                                    budget=phase.budget, expert_groups=state.expert_groups)
 
 
-def run_plan(state: SearchState, evaluate: Callable[[Genome], float],
+def run_plan(state: SearchState, evaluate,
              checkpoint: Callable[[SearchState], None] | None = None,
              on_evaluated: Callable[[Genome, object, str], None] | None = None,
              stop: Callable[[], bool] | None = None) -> SearchState:
