@@ -130,12 +130,14 @@ class Genome:
 
     @cached_property
     def _kept_per_group(self) -> tuple[tuple[int, ...] | None, ...]:
-        """Per group: the sorted kept experts if it is a pruning group (one-hot rows, ``W_RM == W_EM``), else None."""
+        """Per group: the sorted kept experts if it is a pruning group (one-hot rows at distinct experts, ``W_RM ==
+        W_EM``), else None."""
         m = self.merge
         one_hot = ((m == 0) | (m == 1)).all(dim=2) & (m.sum(dim=2) == 1)
         pruning = one_hot.all(dim=1) & (m == self.router_map).flatten(1).all(dim=1)
         kept = m.argmax(dim=2).tolist()
-        return tuple(tuple(sorted(k)) if p else None for k, p in zip(kept, pruning.tolist()))
+        return tuple(tuple(sorted(k)) if p and len(set(k)) == len(k) else None  # a repeated expert merges
+                     for k, p in zip(kept, pruning.tolist()))
 
     def is_pruning_group(self, g: int) -> bool:
         """Every row of ``W_EM[g]`` one-hot and ``W_RM[g] == W_EM[g]``."""

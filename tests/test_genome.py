@@ -72,3 +72,12 @@ def test_vector_round_trip():
     g = Genome.merging(torch.rand(2, 3, 8), torch.randn(2, 3, 8), 2, groups=[(0, 1), (2,)])
     back = g.with_vector(g.to_vector().numpy())
     assert torch.equal(back.router_map, g.router_map) and torch.equal(back.merge, g.merge) and back.groups == g.groups
+
+
+def test_one_hot_rows_that_repeat_an_expert_are_a_merging_genome():
+    """Two rows one-hot at the same expert duplicate it: not a kept subset, and its JSON round-trips."""
+    rows = torch.zeros(1, 2, 4)
+    rows[0, :, 1] = 1.0
+    genome = Genome.merging(rows, rows.clone(), 1)
+    assert not genome.is_pruning and genome.kept(0) is None
+    assert Genome.from_dict(genome.to_dict()).content_hash() == genome.content_hash()
