@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from eep.cli.common import USER_ERRORS
+
 
 def find_genome(run_dir: Path, genome_hash: str | None):
     """The genome of ``best.json``, or of the evaluations.jsonl row with ``genome_hash``."""
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         export_run(args.run, args.genome, args.out)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except USER_ERRORS as err:
         print(f"eep-export: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import eep
+from eep.cli.common import user_errors
 from eep.parallel import WorkerLost
 from eep.search import run as R
 
@@ -48,12 +49,10 @@ def app(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        from eep.search.app import run
+        with user_errors("eep-search"):
+            from eep.search.app import run
 
-        run(_effective_config(cfg, run_dir), run_dir)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # user errors: settings, tasks, genomes, folders
-        print(f"eep-search: error: {err}", file=sys.stderr)
-        sys.exit(2)
+            run(_effective_config(cfg, run_dir), run_dir)
     except WorkerLost as err:  # a candidate that keeps killing its Ray worker: the run stays resumable
         print(f"eep-search: error: {err}; resume with resume={run_dir}", file=sys.stderr)
         sys.exit(1)
