@@ -1,5 +1,6 @@
 """eep-compare: methods and counts checked before the model loads, and a small real comparison's outputs."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -56,8 +57,10 @@ def test_a_small_comparison_writes_table_csv_and_plot(tmp_path):
 
 def test_cli_run_writes_its_folder_under_runs_compare(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    out = subprocess.run([sys.executable, "-m", "eep.cli.compare", *SMALL, "compare.methods=[frequency]"], env=env,
-                         cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "eep.cli.compare", *SMALL, "compare.methods=[frequency]",
+                          "compare.export=true"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     tables = list((tmp_path / "runs" / "compare").glob("*/*/compare.csv"))
     assert len(tables) == 1 and "| frequency | 4 |" in out.stdout
+    exported = json.loads((tables[0].parent / "models" / "frequency_E4" / "config.json").read_text())
+    assert exported["num_local_experts"] == 4
