@@ -64,14 +64,15 @@ def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch
 def _masked_forward(adapter: MoEAdapter, router: nn.Module, state: Materializer, index: int):
     """A replacement for ``router.forward`` routing over the experts ``state.keep[index]`` at top-``state.keep_top_k``
     (both read at call time): ``(logits [T, E], weights [T, k'], slots [T, k'])``, dropped logits at ``-inf``."""
-    names = adapter.router_buffers
+    names, device = adapter.router_buffers, router.weight.device
 
     def forward(hidden_states: torch.Tensor):
         logits = adapter.logits(router, hidden_states, router.weight)
         buffers = {b: getattr(router, b) for b in names}
-        weights, idx = adapter.route_masked(router, logits, state.keep[index], state.keep_top_k, buffers)
+        keep = state.keeps[device][index]
+        weights, idx = adapter.route_masked(router, logits, keep, state.keep_top_k, buffers)
         fn = state.route_patches.get(index)
-        return logits.masked_fill(~state.keep[index], float("-inf")), fn(weights) if fn is not None else weights, idx
+        return logits.masked_fill(~keep, float("-inf")), fn(weights) if fn is not None else weights, idx
 
     return forward
 
@@ -89,7 +90,9 @@ class Materializer:
         self.remerged_layers = 0                                       # layers re-merged by the last apply
         self.installed: dict[int, str | None] = {}                     # layer -> MASKED, or None (merged route)
         self.route_patches: dict[int, RoutingPatch] = {}               # layer -> routing patch (cleared by restore)
-        self.keep: torch.Tensor | None = None                          # bool[L, E]: experts each pruning layer routes
+        self.keeps = {d: torch.ones(len(self.layers), self.adapter.num_experts, dtype=torch.bool, device=d)
+                      for d in dict.fromkeys(layer.router.weight.device for layer in self.layers)}
+        self.keep = next(iter(self.keeps.values()))   # bool[L, E]: experts each pruning layer routes (one per device)
         self.keep_top_k = self.adapter.top_k
         self._masked_everywhere = False                                # every layer has the masked router
 
@@ -120,11 +123,10 @@ class Materializer:
         self._masked_everywhere = all(self.installed.get(i.index) == MASKED for i in self.layers)
 
     def _set_keep(self, genome: Genome) -> None:
-        """``keep[l]``: the experts layer ``l`` routes to (read by the masked routers; merging layers ignore it)."""
-        if self.keep is None:
-            self.keep = torch.ones(len(self.layers), self.adapter.num_experts, dtype=torch.bool,
-                                   device=self.layers[0].router.weight.device)
-        self.keep.copy_(genome.layer_masks)
+        """``keep[l]``: the experts layer ``l`` routes to (read by the masked routers; merging layers ignore it), on
+        every device that holds a router (a model split over devices)."""
+        for keep in self.keeps.values():
+            keep.copy_(genome.layer_masks)
         self.keep_top_k = genome.top_k
 
     def _apply_merging_layer(self, layer: MoELayer, genome: Genome) -> None:
