@@ -7,11 +7,25 @@ from contextlib import contextmanager
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)   # bad settings, tasks, methods, genomes, folders
 
 
+def fail(prog: str, err: Exception) -> int:
+    """Print ``prog: error: <err>`` on stderr; the exit status of a user error, 2."""
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return 2
+
+
 @contextmanager
 def user_errors(prog: str):
     """Catch the errors that mean bad input (settings, tasks, methods, genomes, folders) and exit 2 with the message."""
     try:
         yield
     except USER_ERRORS as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(fail(prog, err))
+
+
+def call(prog: str, fn, *args, errors: tuple[type[Exception], ...] = USER_ERRORS) -> int:
+    """``fn(*args)`` for an argparse CLI's ``main``: 0, or 2 with one line on stderr for a user error."""
+    try:
+        fn(*args)
+    except errors as err:
+        return fail(prog, err)
+    return 0

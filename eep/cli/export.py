@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from eep.cli.common import USER_ERRORS
+from eep.cli.common import call
 
 
 def find_genome(run_dir: Path, genome_hash: str | None):
@@ -61,12 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--genome", help="a genome hash from evaluations.jsonl (default: best.json's)")
     parser.add_argument("--out", type=Path, help="where to write (default: <run>/export-<hash>)")
     args = parser.parse_args(argv)
-    try:
-        export_run(args.run, args.genome, args.out)
-    except USER_ERRORS as err:
-        print(f"eep-export: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return call("eep-export", export_run, args.run, args.genome, args.out)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import logging
 import sys
 
 import eep.zoo
+from eep.cli.common import call
 
 USAGE_ERRORS = (ValueError, FileNotFoundError)
 
@@ -69,12 +70,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        args.func(args)
-    except USAGE_ERRORS as err:
-        print(f"eep-zoo: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return call("eep-zoo", args.func, args, errors=USAGE_ERRORS)
 
 
 if __name__ == "__main__":
