@@ -112,7 +112,7 @@ class _Session:
         score = self.tester.evaluate()
         if score.error:
             log.warning("evaluation failed: %s", score.error)
-        return F.first_metric(score, self.names[0]) if len(self.names) == 1 else score.fitness
+        return F.reported_value(score, self.names)
 
     def full_row(self) -> Row:
         adapter = self.mat.adapter

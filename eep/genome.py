@@ -161,7 +161,7 @@ class Genome:
 
     def used_experts(self, layer: int) -> torch.Tensor:
         """``bool[E]``: experts that some row of ``W_RM`` uses (the others are masked out of routing)."""
-        return (self.layer(layer)[0] != 0).any(0)
+        return self.layer_masks[layer]
 
     # ------------------------------------------------------------------ validation
     def check(self) -> None:

@@ -197,8 +197,8 @@ def _init_from(cfg: DictConfig, state, pool, replica: Replica | None, run_dir: P
     if method is None or state.archive.entries or state.phase_index > 0:
         return
     source = replica or Replica(cfg, search=False)
-    calibration = calibration_batch(source.model, source.tok, make_evaluator(cfg, source.model, source.tok, "search"),
-                                    n=cfg.evaluator.limit or 64)
+    searcher = source.searcher or make_evaluator(cfg, source.model, source.tok, "search")
+    calibration = calibration_batch(source.model, source.tok, searcher, n=cfg.evaluator.limit or 64)
     t = state.template
     genome = compute(method, source.model, source.mat, calibration, num_kept=t.num_kept, top_k=t.top_k,
                      seed=cfg.seed).genome
@@ -226,7 +226,10 @@ def _finish(cfg, run_dir, replica: Replica, state, rows, search: dict) -> dict:
     best, picked = F.pick_final(state.archive, mat, validator, cfg.search.final_candidates)
     tester = make_evaluator(cfg, model, tok, "test")
     single = names[0] if len(names) == 1 else None
-    value = (lambda s: F.first_metric(s, single)) if single else (lambda s: s.fitness)
+
+    def value(score) -> float:
+        return F.reported_value(score, names)
+
     full_val, full_test = value(validator.evaluate()), value(tester.evaluate())
     with mat.applied(best):
         best_test = value(tester.evaluate())

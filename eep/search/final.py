@@ -121,6 +121,11 @@ def first_metric(score, task: str) -> float:
     return next(iter(score.metrics[task].values()))
 
 
+def reported_value(score, names: list[str]) -> float:
+    """What reports show for a Score: the task's first metric for a single task, else the weighted fitness."""
+    return first_metric(score, names[0]) if len(names) == 1 else score.fitness
+
+
 def expert_usage(model, adapter, batch: dict) -> torch.Tensor:
     """``float[L, E]``: share of top-k selections per expert slot per MoE layer over the batch's real tokens."""
 
