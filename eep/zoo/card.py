@@ -15,6 +15,17 @@ from eep.tasks.skills import MC_SKILLS, SKILLS
 
 import eep.zoo
 
+REPRODUCIBILITY = (  # what the loss curve in training_log.json reproduces exactly, and where
+    '- reproducibility: the command gives this exact loss curve (every logged value, bit for bit) with '
+    "torch's AVX2 CPU kernels and 1 thread; reproduced on an AVX-512 AMD EPYC with the kernels held to "
+    'AVX2 (`ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2`). Other '
+    'kernels (AVX-512, other processors, other thread counts) round float reductions differently and the '
+    'difference grows with every step: with AVX-512 kernels the step-50 mean moved by at most 7e-7 and '
+    'the step-100 mean by at most 0.3% (relative; `bench/zoo_training_repro.py`), so `tests/test_zoo.py` '
+    'checks the first 100 steps to 1e-4 and 1e-2. The training data and the initial weights are the same '
+    'on every machine'
+)
+
 
 def parameter_counts(model) -> dict[str, int]:
     """Total, routed-expert and active-per-token parameters: active = other + experts * top_k / E."""
@@ -113,7 +124,8 @@ def card_lines(name, model, scores, counts, usage, train_log) -> list[str]:
               f"{train_log['threads']} torch thread(s) on {train_log['machine']}, a 2-core machine that ran the "
               f"shipped models' training runs side by side (one thread each)",
               f"- loss (mean over {curve[0][0]} steps): {curve[0][1]:.3f} at step {curve[0][0]}, {curve[-1][1]:.4f} "
-              f"at step {curve[-1][0]}; full curve and validation checks in `training_log.json`", "",
+              f"at step {curve[-1][0]}; full curve and validation checks in `training_log.json`",
+              REPRODUCIBILITY, "",
               "## Expert usage per skill", "",
               "Share (%) of top-k selections that go to each expert, over the prompt and answer tokens of 200 test "
               "documents per skill.",
