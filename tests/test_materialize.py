@@ -189,6 +189,10 @@ def test_pruned_export_reloads_with_plain_transformers_exactly(family, tokens, t
 
 
 def test_merged_export_refits_gates_and_reports_agreement(tokens, tmp_path):
+    """A continuous ``W_RM`` (each merged expert routed by a mix of all 8 probabilities) is no linear gate: the
+    refit gate reproduces only part of the candidate's top-2 choices on the held-out 20% of the calibration tokens
+    (26 tokens x 2 choices x 3 layers), but far more than a gate unrelated to the candidate (expected agreement
+    k'/E' = 0.5, standard deviation about 0.04 over 156 choices). Measured 0.71 here (0.63 to 0.85 over seeds 3-8)."""
     model = build_tiny("mixtral")
     mat = Materializer(model)
     torch.manual_seed(3)
@@ -197,10 +201,43 @@ def test_merged_export_refits_gates_and_reports_agreement(tokens, tmp_path):
         export(model, genome, tmp_path / "a", materializer=mat)
     calib = {"input_ids": torch.randint(0, 64, (8, 16)), "attention_mask": torch.ones(8, 16, dtype=torch.long)}
     result = export(model, genome, tmp_path / "b", materializer=mat, calibration=calib)
-    assert not result.exact and 0.0 <= result.router_top_k_overlap <= 1.0
+    assert not result.exact and 0.6 < result.router_top_k_overlap < 1.0
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32)
     assert reloaded.config.num_local_experts == 4
     assert mat.genome is None  # the live model was left as it was found
+
+
+def test_merged_export_with_one_hot_routing_reloads_as_the_in_place_candidate(family, tokens, tmp_path):
+    """A merging genome whose ``W_RM`` rows are one-hot on distinct experts (each merged expert routed by one
+    original expert's probability) and whose ``W_EM`` mixes all 8 experts: its routing ``p'_j = softmax(z_S)_j`` is
+    the softmax of the kept router rows, so the least-squares gate is exact (the centred rows, 128 calibration tokens
+    for 32 dimensions) and the checkpoint, reloaded with plain ``from_pretrained``, computes the in-place
+    candidate: the same top-2 choices (overlap exactly 1) and logits that differ by float rounding only (the
+    fitted gate and the merged weights' summation order). Measured max |difference| 1.1e-6 to 1.9e-6 on logits of
+    magnitude ~4 for every family; tolerance 1e-4 (50x that), far below the ~0.1 a single changed expert choice
+    makes, and the candidate itself differs from the unpruned model by more than 1e-2."""
+    model = build_tiny(family)
+    mat = Materializer(model)
+    if not mat.adapter.supports_merging:
+        pytest.skip(f"{family} defines no merging (the materialiser refuses merging genomes there)")
+    n, gen = len(mat.layers), torch.Generator().manual_seed(4)
+    router_map = torch.zeros(n, 4, 8)
+    for i in range(n):
+        router_map[i, torch.arange(4), torch.randperm(8, generator=gen)[:4]] = 1.0
+    genome = Genome.merging(router_map, router_map + 0.1 * torch.rand(n, 4, 8, generator=gen), 2)
+    assert not genome.is_pruning
+    calib = {"input_ids": torch.randint(0, 64, (8, 16), generator=gen),
+             "attention_mask": torch.ones(8, 16, dtype=torch.long)}
+    full = logits(model, tokens)
+    result = export(model, genome, tmp_path / "out", materializer=mat, calibration=calib)
+    assert not result.exact and result.router_top_k_overlap == 1.0
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert getattr(reloaded.config, mat.adapter.num_experts_key) == 4 and reloaded.config.num_experts_per_tok == 2
+    with mat.applied(genome):
+        candidate = logits(model, tokens)
+    assert (candidate - full).abs().max() > 1e-2
+    torch.testing.assert_close(logits(reloaded, tokens), candidate, atol=1e-4, rtol=0)
+    assert torch.equal(logits(reloaded, tokens).argmax(-1), candidate.argmax(-1))
 
 
 def test_consecutive_pruning_candidates_only_rewrite_the_keep_mask(tokens):
