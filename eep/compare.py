@@ -1,10 +1,19 @@
 """What ``eep-compare`` does: score a list of methods at the same expert counts on one task's test split, and write
-``compare.md``, ``compare.csv`` and ``compare.png`` into the run folder."""
+``compare.md``, ``compare.csv`` and ``compare.png`` into the run folder.
+
+Files in the run folder: ``compare_config.yaml`` (the run's config) and ``compare_run.json`` (its hash), written when
+it starts; ``compare.jsonl`` (one row per finished method and count, the full model first, rewritten atomically as
+each finishes); ``eep_E<n>/`` (the search runs); at the end ``compare.md``, ``compare.png`` and, last,
+``compare.csv``, whose presence marks the comparison finished. ``resume=<folder>`` keeps the finished rows, resumes
+each unfinished ``eep_E<n>/`` search as the eep-search run it is and computes the rest.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +30,8 @@ log = logging.getLogger("eep.compare")
 ALL_METHODS = ("random", "frequency", "soft_activation", "reap", "enumeration", "enumeration_progressive",
                "skipping", "m_smoe", "hc_smoe", "svd_compress", "eep")
 CSV, MD, PNG, ROWS = "compare.csv", "compare.md", "compare.png", "compare.jsonl"
+CONFIG, RUN = "compare_config.yaml", "compare_run.json"
+COLUMNS = ["method", "num_experts", "top_k", "test_score", "test_std", "runs", "seconds", "notes"]
 
 
 @dataclass
@@ -60,9 +71,11 @@ def counts_of(cfg: DictConfig) -> list[int]:
 
 
 def at_count(cfg: DictConfig, num_experts: int) -> DictConfig:
-    """``cfg`` with ``search.num_experts`` set (and without compare's resume keys)."""
+    """``cfg`` with ``search.num_experts`` set and without compare's resume keys (a search sub-run resumes from its
+    own folder: ``_Session._search``)."""
     out = OmegaConf.create(OmegaConf.to_container(cfg))
     out.search.num_experts = num_experts
+    out.resume, out.resume_force = None, False
     return out
 
 
@@ -79,34 +92,105 @@ def validate(cfg: DictConfig) -> tuple[list[str], list[tuple[int, int]]]:
     return methods, shapes
 
 
-def run(cfg: DictConfig, run_dir: Path) -> list[Row]:
-    """Compare the configured methods in ``run_dir``; returns the rows (the full model first)."""
+def resume_folder(value) -> Path:
+    """The run folder ``resume=<value>`` names, or a UserError naming it and the fix."""
+    folder = Path(str(value))
+    if (folder / CONFIG).is_file():
+        return folder
+    other = (f"; it is an eep-search run: resume it with eep-search resume={value}"
+             if (folder / R.CONFIG).is_file() else "")
+    raise R.UserError(f"resume={value} is not an eep-compare run folder (no {CONFIG}){other}; give the folder the "
+                      f"comparison printed when it started (runs/compare/<date>/<time>)")
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """On resume, the run's saved config with ``overrides`` (other than the resume keys) applied, as eep-search
+    does; with a config-group selection among them (``model=...``) the freshly composed ``cfg`` stands. ``run``
+    then checks the result against the run's hash."""
+    if not cfg.resume:
+        return cfg
+    saved = OmegaConf.load(resume_folder(cfg.resume) / CONFIG)
+    extra = [o for o in overrides if o.split("=")[0] not in ("resume", "resume_force")]
+    keys = [o.split("=")[0].lstrip("+~") for o in extra]
+    if all("." in k or (k in saved and not OmegaConf.is_dict(saved[k])) for k in keys):
+        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra))
+    else:
+        merged = OmegaConf.create(OmegaConf.to_container(cfg))
+    merged.resume, merged.resume_force = cfg.resume, cfg.resume_force
+    return merged
+
+
+def run(cfg: DictConfig, run_dir: Path) -> list[Row] | None:
+    """Compare the configured methods in ``run_dir`` (``cfg.resume``: go on with that run); returns the rows in the
+    canonical order (the full model first, then every method at each count), or None if the run was finished before
+    or a search sub-run stopped at its time limit (resumable)."""
+    if cfg.resume:
+        run_dir = resume_folder(cfg.resume)
+        if (run_dir / CSV).exists():
+            print(f"comparison {run_dir} is finished; nothing to do (table: {run_dir / MD})")
+            return None
+        saved = json.loads((run_dir / RUN).read_text())["config_hash"] if (run_dir / RUN).exists() else None
+        if saved != R.config_hash(cfg) and not cfg.resume_force:
+            raise R.UserError(f"the config differs from the one {run_dir} was started with; resume with no other "
+                              "argument, or add resume_force=true to accept the change")
+    elif (run_dir / CONFIG).exists():
+        raise R.UserError(f"{run_dir} already holds a comparison; resume it with resume={run_dir}")
     methods, shapes = validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "compare_config.yaml")
+    if not cfg.resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(run_dir / RUN, json.dumps({"config_hash": R.config_hash(cfg),
+                                                  "versions": R.package_versions()}, indent=1) + "\n")
+        _write_atomic(run_dir / CONFIG, OmegaConf.to_yaml(cfg))  # last: it marks the folder a comparison's
+    log.info("comparison in %s (after a stop: eep-compare resume=%s)", run_dir, run_dir)
+    if cfg.evaluator.threads:  # as eep-search sets it, so that every row is computed with the same threads
+        import torch
+
+        torch.set_num_threads(cfg.evaluator.threads)
+    done = {_key(r): r for r in load_rows(run_dir / ROWS)}
+    if done:
+        log.info("resuming: %d finished rows kept", len(done))
     session = _Session(cfg, run_dir)
-    rows = [session.full_row()]
-    for kept, top_k in shapes:
-        for method in methods:
-            rows.append(session.row(method, kept, top_k))
-            _append(run_dir / ROWS, rows[-1])
+    rows = []
+    for key in [("full", None, None), *[(m, kept, top_k) for kept, top_k in shapes for m in methods]]:
+        row = done.get(key)
+        if row is None:
+            row = session.full_row() if key[0] == "full" else session.row(*key)
+            if row is None:  # a search sub-run stopped at search.time_limit
+                print(f"the comparison stopped with its search at E'={key[1]} unfinished; resume with "
+                      f"resume={run_dir}")
+                return None
+            done[key] = row
+            _write_rows(run_dir / ROWS, done.values())
+        rows.append(row)
     write_outputs(cfg, run_dir, rows)
     return rows
+
+
+def _key(row: Row) -> tuple:
+    """What identifies a row of a run: the method and its shape (one full-model row)."""
+    return ("full", None, None) if row.method == "full" else (row.method, row.num_experts, row.top_k)
 
 
 class _Session:
     """The loaded model, its materialiser, the test evaluator and the calibration tokens, shared by every method."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.names, _ = app.task_names(cfg)
+        self.loaded = False
+
+    def load(self) -> None:
+        """Load on first use: a resumed run whose remaining rows are searches never loads the model here."""
         from eep.materialize import Materializer
         from eep.models import ModelConfig, load_model
 
-        self.cfg, self.run_dir = cfg, run_dir
-        self.model, self.tok = load_model(ModelConfig(**OmegaConf.to_container(cfg.model)))
+        if self.loaded:
+            return
+        self.model, self.tok = load_model(ModelConfig(**OmegaConf.to_container(self.cfg.model)))
         self.mat = Materializer(self.model)
-        self.names, _ = app.task_names(cfg)
-        self.tester = app.make_evaluator(cfg, self.model, self.tok, "test")
-        self.calibration = _calibration(cfg, self.model, self.tok)
+        self.tester = app.make_evaluator(self.cfg, self.model, self.tok, "test")
+        self.calibration = _calibration(self.cfg, self.model, self.tok)
+        self.loaded = True
 
     def score(self) -> float:
         score = self.tester.evaluate()
@@ -115,12 +199,14 @@ class _Session:
         return F.reported_value(score, self.names)
 
     def full_row(self) -> Row:
+        self.load()
         adapter = self.mat.adapter
         return Row("full", adapter.num_experts, adapter.top_k, self.score())
 
     def row(self, method: str, kept: int, top_k: int) -> Row:
         if method == "eep":
             return self._search(kept, top_k)
+        self.load()
         seeds = range(self.cfg.compare.random_seeds) if method == "random" else [0]
         scores, seconds, notes = [], 0.0, ""
         for seed in seeds:
@@ -153,13 +239,20 @@ class _Session:
             export_result(self.mat, result, folder, self.tok, calibration=self.calibration)
         return value
 
-    def _search(self, kept: int, top_k: int) -> Row:
-        """The EEP search at this count, as its own ``eep-search`` run in ``eep_E<n>/`` (resumable there)."""
+    def _search(self, kept: int, top_k: int) -> Row | None:
+        """The EEP search at this count, as its own ``eep-search`` run in ``eep_E<n>/``: resumed there if a stopped
+        run left its checkpoint (``resume_force`` passed on); None if it stops at ``search.time_limit``."""
         folder = self.run_dir / f"eep_E{kept}"
+        sub = at_count(self.cfg, kept)
+        if (folder / R.STATE).exists() or (folder / f"{R.STATE}.prev").exists():
+            sub.resume, sub.resume_force = str(folder), bool(self.cfg.resume_force)
+            log.info("resuming the search run %s", folder)
         start = time.perf_counter()
-        report = app.run(at_count(self.cfg, kept), folder)
+        report = app.run(sub, folder)
         if report is None:  # finished before
             report = json.loads((folder / "report.json").read_text())
+        if not report:  # stopped at its time limit, resumable
+            return None
         return Row("eep", kept, top_k, float(report["test"]["best_in_place"]), None, 1,
                    round(time.perf_counter() - start, 2), f"search run: {folder.name}/, "
                    f"{report['evaluations']} evaluations")
@@ -200,26 +293,45 @@ def _flat(nested):
         yield from (_flat(item) if isinstance(item, (list, tuple)) else [item])
 
 
-def _append(path: Path, row: Row) -> None:
-    with path.open("a") as fh:
-        fh.write(json.dumps(asdict(row)) + "\n")
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` whole or not at all (a temporary file, fsync, rename): a kill mid-write leaves the old one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data.encode() if isinstance(data, str) else data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_rows(path: Path, rows) -> None:
+    """``compare.jsonl``: every finished row, one JSON object a line, rewritten atomically."""
+    _write_atomic(path, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
+
+
+def load_rows(path: Path) -> list[Row]:
+    """The finished rows a run recorded (none if it recorded none)."""
+    if not path.exists():
+        return []
+    return [Row(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_outputs(cfg: DictConfig, run_dir: Path, rows: list[Row]) -> None:
-    """``compare.csv`` (one row per method and expert count), ``compare.md`` and ``compare.png``; the table to
-    stdout."""
-    columns = ["method", "num_experts", "top_k", "test_score", "test_std", "runs", "seconds", "notes"]
-    with (run_dir / CSV).open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    """``compare.md``, ``compare.png`` and, last, ``compare.csv`` (one row per method and expert count), each
+    written atomically; the table to stdout."""
     table = _markdown(rows)
     names, _ = app.task_names(cfg)
     head = (f"# eep-compare: {', '.join(names)} on {cfg.model.path or cfg.model.name}\n\n"
             f"Test split, {cfg.evaluator.test_limit or 'all'} documents; calibration: {cfg.compare.calibration}; "
             f"seed {cfg.seed}.\n\n")
-    (run_dir / MD).write_text(head + table + "\n")
-    plot(rows, run_dir / PNG)
+    _write_atomic(run_dir / MD, head + table + "\n")
+    png = io.BytesIO()
+    plot(rows, png)
+    _write_atomic(run_dir / PNG, png.getvalue())
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    _write_atomic(run_dir / CSV, text.getvalue())
     print(table)
 
 
@@ -233,7 +345,7 @@ def _markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], path) -> None:
     """Test score against experts kept, one line per method; the full model as a dashed line."""
     import matplotlib
 
@@ -256,5 +368,5 @@ def plot(rows: list[Row], path: Path) -> None:
     ax.set_ylabel("test score")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

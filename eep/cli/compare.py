@@ -1,26 +1,52 @@
-"""``eep-compare``: the Hydra app that scores a list of methods at the same expert counts. See conf/eep_compare.yaml."""
+"""``eep-compare``: the Hydra app that scores a list of methods at the same expert counts (``resume=<folder>`` goes on
+with a stopped one). See conf/eep_compare.yaml."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import eep
-from eep.cli.common import user_errors
+from eep.cli.common import fail, user_errors
+
+PROG = "eep-compare"
+
+
+def _redirect_resume(argv: list[str]) -> list[str]:
+    """``resume=<folder>``: make Hydra's run folder that folder (checked first: a bad one is one line, exit 2)."""
+    values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not values or values[-1] in ("", "null"):
+        return argv
+    from eep.compare import resume_folder
+    from eep.search.run import UserError
+
+    try:
+        folder = resume_folder(values[-1]).resolve()
+    except UserError as err:
+        sys.exit(fail(PROG, err))
+    return [*argv, f"hydra.run.dir={folder}"]
 
 
 @hydra.main(version_base="1.3", config_path=str(eep.conf_dir()), config_name="eep_compare")
 def app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    with user_errors("eep-compare"):
-        from eep.compare import run
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        with user_errors(PROG):
+            from eep.compare import resumed_config, run
 
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
+            run(resumed_config(cfg, list(hydra_cfg.overrides.task)), run_dir)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the finished rows are kept: resume with resume={run_dir}", file=sys.stderr)
+        sys.exit(130)
 
 
 def main() -> None:
+    sys.argv = [sys.argv[0], *_redirect_resume(sys.argv[1:])]
     app()
 
 
