@@ -208,6 +208,19 @@ def test_a_resume_folder_becomes_the_hydra_run_folder(tmp_path):
     assert _redirect_resume(["resume=null", "seed=1"]) == ["resume=null", "seed=1"]
 
 
+def test_a_resume_applies_other_arguments_to_the_saved_config(tmp_path):
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(config([*SMALL, "compare.methods=[reap]"]), tmp_path / "compare_config.yaml")
+    resume = f"resume={tmp_path}"
+    merged = compare.resumed_config(config([resume, "evaluator.test_limit=10"]), [resume, "evaluator.test_limit=10"])
+    assert (merged.compare.methods, merged.evaluator.test_limit, merged.task.names) == (["reap"], 10,
+                                                                                       ["skills_count_mc"])
+    assert merged.resume == str(tmp_path) and not merged.resume_force
+    fresh = compare.resumed_config(config([resume, "task=skills_add"]), [resume, "task=skills_add"])
+    assert fresh.task.names == ["skills_add"] and fresh.compare.methods is None  # a group selection: composed anew
+
+
 def test_cli_run_writes_its_folder_under_runs_compare(tmp_path):
     out = subprocess.run([sys.executable, "-m", "eep.cli.compare", *SMALL, "compare.methods=[frequency]",
                           "compare.export=true"], env=ENV, cwd=tmp_path, capture_output=True, text=True)
