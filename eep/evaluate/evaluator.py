@@ -161,15 +161,24 @@ class Evaluator:
     def _run(self) -> dict[str, dict[str, float]]:
         from lm_eval.evaluator_utils import _process_results
 
+        from eep.evaluate.scoring import LoglikelihoodResults, task_metrics
+
         quiet = not self.progress
+        vectorised = self.__dict__.get("_vectorised")
+        if vectorised is None:  # once: the tasks whose process_results runs vectorised (None: lm-eval's own)
+            lls = self.requests.get("loglikelihood", [])
+            vectorised = self._vectorised = {name: task_metrics(task, self._docs[name], lls)
+                                             for name, task in self.tasks.items()}
         for reqs in self.requests.values():
             for inst in reqs:
                 inst.resps = []
+        ll = None
         if self.encoded:
-            results = (self._loglikelihood.run(self.progress) if self._loglikelihood
-                       else self.lm._loglikelihood_tokens(self.encoded, disable_tqdm=quiet))
-            for inst, res in zip(self.requests["loglikelihood"], results, strict=True):
-                inst.resps.append(res)
+            ll = (self._loglikelihood.run_tensors(self.progress) if self._loglikelihood else
+                  LoglikelihoodResults.from_pairs(self.lm._loglikelihood_tokens(self.encoded, disable_tqdm=quiet)))
+            if any(vectorised[name] is None for name, t in self.tasks.items() if t.OUTPUT_TYPE != "generate_until"):
+                for inst, res in zip(self.requests["loglikelihood"], ll.pairs(), strict=True):
+                    inst.resps.append(res)
         if "generate_until" in self.requests:
             reqs = self.requests["generate_until"]
             texts = (self._generation.run(self.progress) if self._generation
@@ -179,11 +188,15 @@ class Evaluator:
         acc = {name: {"task": t, "raw_metrics": defaultdict(list), "logged_samples": []}
                for name, t in self.tasks.items()}
         for name, task in self.tasks.items():
-            self._collect(name, task, acc[name]["raw_metrics"])
+            self._collect(name, task, acc[name]["raw_metrics"], vectorised[name], ll)
         return flat_metrics(_process_results(acc, self.groups, bootstrap_iters=0)._to_eval_results()["results"])
 
-    def _collect(self, name: str, task, raw: dict) -> None:
-        """Per-document metrics, as ``lm_eval.evaluator.evaluate`` computes them."""
+    def _collect(self, name: str, task, raw: dict, vectorised=None, ll=None) -> None:
+        """Per-document metrics, as ``lm_eval.evaluator.evaluate`` computes them: vectorised
+        (``eep.evaluate.scoring.task_metrics``, the same values) where that covers the task, else lm-eval's own
+        ``process_results`` per document."""
+        if vectorised is not None and vectorised.collect(raw, ll):
+            return
         task.apply_filters()
         for filter_key in task.instances[0].filtered_resps:
             for doc, insts in self._docs[name]:
