@@ -1,35 +1,49 @@
-"""Candidates per minute: one serial replica vs ``--workers`` Ray workers, each with ``--threads`` torch threads.
+"""Evaluations per minute over a long search: the best serial run vs ``--workers`` Ray workers, start-up apart.
 
-    python bench/parallel.py [--model skills_mixtral] [--task skills_sort] [--limit 100] [--candidates 40]
-                             [--workers 2] [--threads 1] [--rounds 1]
+    python bench/parallel.py [--model skills_mixtral] [--task skills_sort] [--limit 100] [--evaluations 200]
+                             [--workers 2] [--threads 1] [--queued]
 
-Both sides score the same random pruning genomes (half the experts of every layer) with replicas built exactly as
-eep-search builds them (``eep.search.app.Replica`` from the composed config ``evaluator.limit=--limit``); counted is
-apply + score + metrics of every candidate (the serial loop) or the wall time of ``RayPool.run`` over them
-(parallel), set-up (model loading, Ray and worker start-up) excluded. Parallel is measured twice: in batches of
-``--workers`` candidates, each waited for before the next is sent, as eep-search does with ``search.ask_batch`` =
-workers (the headline figure), and with every candidate queued at once (the pool's own throughput). The fitness of every genome must agree between
-the two. ``--rounds`` alternates serial and parallel measurements and reports medians. Since other work on the
-machine changes the figures, it prints the load averages before and after and a control: how much faster two
-processes of pure Python finish two equal loops than one process (2.0x on two free cores).
+Target: ``--workers 2`` workers of one thread reach >= 1.6x the throughput of the best serial run (the faster of
+one process with 1 torch thread and with 2), over a long search (>= 200 evaluations), start-up not counted.
+
+Every side scores the same ``--evaluations`` distinct random pruning genomes (half the experts of every layer) with
+replicas built as eep-search builds them (``eep.search.app.Replica``, in Ray workers through
+``eep.search.app.replica_scorer``, from the composed config with ``evaluator.limit=--limit``). Measured, in order:
+
+1. serial, 1 torch thread, then serial, 2 torch threads (Ray not started): the wall time over all genomes, after one
+   warm-up evaluation; the best serial run is the faster;
+2. Ray start-up, reported apart: the local cluster (``eep.parallel.connect``, Ray imported and initialised), then
+   the workers ready (``eep.parallel.RayPool``: every worker has loaded its model and built its evaluator), then one
+   first evaluation per worker (first-call costs);
+3. throughput: the wall time of the pool over all genomes in batches of ``--workers``, each batch waited for before
+   the next is sent, as eep-search does with ``evaluator.workers`` = ``search.ask_batch``; with ``--queued`` also
+   every genome queued at once (the pool's own throughput).
+
+The parallel fitness of every genome must equal the 1-thread serial run's (workers run one thread each); whether
+the 2-thread serial run agrees is recorded. Since other work on the machine changes the figures, the load average is
+recorded before and after every step, and a control before and after: how much faster two processes finish two equal
+pure-Python loops than one process (2.0x on two free cores). Raw results: ``bench/results/parallel.json``.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
-import os
-import platform
 import random
 import statistics
 import time
 
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import eep
 from eep.genome import Genome
-from eep.parallel import RayPool, local_cores
-from eep.search import app
+from eep.parallel import RayPool, connect, local_cores
+from eep.search.app import Replica, replica_scorer
+from record import load, write
+
+TARGET = 1.6  # parallel throughput / best serial throughput, over >= 200 evaluations
 
 
 def config(args):
@@ -83,8 +97,13 @@ def cpu_control() -> float:
         return one / (time.perf_counter() - start)
 
 
-def load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+def summary(name: str, seconds: float, scores: dict, n: int, load_before, load_after) -> dict:
+    per_min = 60 * n / seconds
+    inside = statistics.median(s for _, s in scores.values())
+    print(f"{name:<40} {per_min:7.1f} evaluations/min ({seconds:6.1f} s for {n}; median {inside:.3f} s inside the "
+          f"scorer; load {load_before} -> {load_after})", flush=True)
+    return {"seconds": seconds, "evaluations": n, "per_minute": per_min, "median_scorer_seconds": inside,
+            "scorer_seconds": [s for _, s in scores.values()], "load_before": load_before, "load_after": load_after}
 
 
 def main() -> None:
@@ -92,55 +111,79 @@ def main() -> None:
     parser.add_argument("--model", default="skills_mixtral")
     parser.add_argument("--task", default="skills_sort")
     parser.add_argument("--limit", type=int, default=100)
-    parser.add_argument("--candidates", type=int, default=40)
+    parser.add_argument("--evaluations", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--queued", action="store_true", help="also time every genome queued at once")
+    parser.add_argument("--out", default="parallel", help="raw results: bench/results/<out>.json")
     args = parser.parse_args()
     cfg = config(args)
-    torch.set_num_threads(args.threads)
-    replica = app.Replica(cfg)
+    rec = {"settings": vars(args), "target": f"parallel / best serial >= {TARGET} over >= 200 evaluations",
+           "load_at_start": load()}
+    torch.set_num_threads(1)
+    replica = Replica(cfg)
     a = replica.mat.adapter
-    candidates = genomes(args.candidates, len(a.layers), a.num_experts, a.top_k)
-    print(f"{platform.processor() or platform.machine()}, {local_cores()} cores, torch {torch.__version__}, "
-          f"{args.model} {args.task} limit {args.limit}, {args.candidates} candidates; load before: {load()}")
-    print(f"control: two processes finish two loops {cpu_control():.2f}x faster than one")
-    with app._pool(cfg, None) as pool:
-        times, spent = measure(replica, pool, candidates, args.workers, args.rounds)
-    report(args, times, spent)
+    candidates = genomes(args.evaluations + 1, len(a.layers), a.num_experts, a.top_k)
+    warm, candidates = candidates[:1], candidates[1:]
+    print(f"{local_cores()} cores, torch {torch.__version__}, {args.model} {args.task} limit {args.limit}, "
+          f"{args.evaluations} evaluations; load {rec['load_at_start']}")
+    rec["control_before"] = cpu_control()
+    print(f"control: two processes finish two loops {rec['control_before']:.2f}x faster than one", flush=True)
 
+    fitness, rows = {}, {}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        serial(replica, warm)
+        before = load()
+        seconds, scores = serial(replica, candidates)
+        rows[f"serial_{threads}_thread"] = summary(f"serial, {threads} torch thread(s)", seconds, scores,
+                                                  len(candidates), before, load())
+        fitness[threads] = {h: f for h, (f, _) in scores.items()}
+    best = min(("serial_1_thread", "serial_2_thread"), key=lambda k: rows[k]["seconds"])
 
-def measure(replica, pool, candidates, workers: int, rounds: int) -> tuple[dict, dict]:
-    """Alternating rounds of serial, parallel in batches of ``workers`` and parallel all queued: per mode the wall
-    times and the scorer's seconds per candidate; every mode must give every genome the same fitness."""
-    modes = {"serial": lambda c: serial(replica, c), "batches": lambda c: parallel(pool, c, workers),
-             "queued": lambda c: parallel(pool, c)}
-    times, fitness, spent = {name: [] for name in modes}, {}, {name: [] for name in modes}
-    modes["serial"](candidates[:2])  # warm-up: first-call costs on both sides
-    modes["queued"](candidates[:2])
-    for _ in range(rounds):
-        for name, run in modes.items():
-            seconds, scores = run(candidates)
-            times[name].append(seconds)
-            per = {h: f for h, (f, _) in scores.items()}
-            assert fitness.setdefault(name, per) == per, f"{name}: fitness changed between rounds"
-            spent[name].extend(s for _, s in scores.values())
-    assert fitness["serial"] == fitness["batches"] == fitness["queued"], "serial and parallel fitness differ"
-    return times, spent
+    startup = {"load_before": load()}
+    start = time.perf_counter()
+    owns_ray = connect(None, args.workers, args.threads)
+    startup["cluster_seconds"] = time.perf_counter() - start
+    build = functools.partial(replica_scorer, OmegaConf.to_container(cfg, resolve=True))
+    start = time.perf_counter()
+    pool = RayPool(build, args.workers, args.threads, None, gpus=False)
+    startup["workers_ready_seconds"] = time.perf_counter() - start
+    try:
+        start = time.perf_counter()
+        parallel(pool, genomes(args.workers, len(a.layers), a.num_experts, a.top_k, seed=1))  # one per worker
+        startup["first_evaluations_seconds"] = time.perf_counter() - start
+        startup["load_after"] = load()
+        print(f"Ray start-up: cluster {startup['cluster_seconds']:.1f} s, {args.workers} workers ready "
+              f"{startup['workers_ready_seconds']:.1f} s, a first evaluation on each "
+              f"{startup['first_evaluations_seconds']:.1f} s (not counted below)", flush=True)
+        modes = {"batches": args.workers} | ({"queued": None} if args.queued else {})
+        for mode, batch in modes.items():
+            before = load()
+            seconds, scores = parallel(pool, candidates, batch)
+            label = (f"{args.workers} workers x {args.threads} thread(s), "
+                     + (f"batches of {args.workers}" if batch else "all queued"))
+            rows[f"parallel_{mode}"] = summary(label, seconds, scores, len(candidates), before, load())
+            same = {h: f for h, (f, _) in scores.items()} == fitness[1]
+            assert same, f"parallel ({mode}) fitness differs from the 1-thread serial run's"
+    finally:
+        pool.close()
+        if owns_ray:
+            import ray
 
-
-def report(args, times: dict, spent: dict) -> None:
-    print(f"control after: {cpu_control():.2f}x; median seconds per candidate inside the scorer: serial "
-          f"{statistics.median(spent['serial']):.3f}, workers {statistics.median(spent['batches']):.3f}")
-    per_min = {name: 60 * args.candidates / statistics.median(t) for name, t in times.items()}
-    labels = {"serial": f"1 worker x {args.threads} thread(s)",
-              "batches": f"{args.workers} workers x {args.threads}, batches of {args.workers}",
-              "queued": f"{args.workers} workers x {args.threads}, all queued"}
-    for name, label in labels.items():
-        ratio = per_min[name] / per_min["serial"]
-        print(f"{label:<36} {per_min[name]:7.1f} candidates/min ({statistics.median(times[name]):.2f} s for "
-              f"{args.candidates}; {ratio:.2f}x)")
-    print(f"same fitness for every genome; load after: {load()}")
+            ray.shutdown()
+    rec["control_after"] = cpu_control()
+    for mode in [k for k in rows if k.startswith("parallel")]:
+        rows[mode]["over_best_serial"] = rows[best]["seconds"] / rows[mode]["seconds"]
+    head = rows["parallel_batches"]["over_best_serial"]
+    verdict = "n/a: under 200 evaluations" if args.evaluations < 200 else "met" if head >= TARGET else "NOT met"
+    print(f"control after: {rec['control_after']:.2f}x; best serial: {best.replace('_', ' ')}; {args.workers} "
+          f"workers in batches of {args.workers}: {head:.2f}x the best serial throughput (target >= {TARGET}: "
+          f"{verdict})")
+    write(args.out, {**rec, "startup": startup, "rows": rows, "best_serial": best,
+                     "serial_2_thread_fitness_equals_1_thread": fitness[2] == fitness[1],
+                     "parallel_over_best_serial": head, "target_met": head >= TARGET and args.evaluations >= 200,
+                     "load_at_end": load()})
 
 
 if __name__ == "__main__":

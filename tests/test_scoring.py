@@ -242,8 +242,8 @@ def test_a_non_string_response_falls_back_for_that_candidate(shipped):
 def test_exact_match_scores_equal_lm_eval_pair_by_pair(kwargs):
     """Awkward strings included: 'İ' (lower() lengthens it, numpy cuts it to the array's width), trailing NULs
     (numpy drops them), case, punctuation, digits, empty strings, non-ASCII."""
-    words = ["", "a", "A", "İ", "i̇", "i", "ab\x00", "ab", "x1,2", "X12", "12", " a ", "a.b", "ab", "ΣΑΣ", "σας",
-             "0", "a\x00b", "İİ", "ii"]
+    words = ["", "a", "A", "İ", "i̇", "i", "ab\x00", "ab", "x1,2", "X12", "12", " a ", "a.b", "ab", "ΣΑΣ",
+             "σας", "0", "a\x00b", "İİ", "ii"]
     preds = [p for p in words for _ in words]
     refs = [r for _ in words for r in words]
     expected = [exact_match_hf_evaluate(predictions=[p], references=[r], **kwargs)["exact_match"]
