@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 import eep
 from eep.cli.common import fail, user_errors
+from eep.logs import quiet_third_party, verbose_requested
 
 PROG = "eep-compare"
 
@@ -31,6 +32,7 @@ def _redirect_resume(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=str(eep.conf_dir()), config_name="eep_compare")
 def app(cfg: DictConfig) -> None:
+    quiet_third_party(verbose_requested(cfg))  # third-party noise off unless verbose=true
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import eep
 from eep.cli.common import user_errors
+from eep.logs import quiet_third_party, verbose_requested
 from eep.parallel import WorkerLost
 from eep.search import run as R
 
@@ -45,6 +46,7 @@ def _effective_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
 
 @hydra.main(version_base="1.3", config_path=str(eep.conf_dir()), config_name="eep_search")
 def app(cfg: DictConfig) -> None:
+    quiet_third_party(verbose_requested(cfg))  # third-party noise off unless verbose=true
     from hydra.core.hydra_config import HydraConfig
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)

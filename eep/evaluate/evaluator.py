@@ -22,6 +22,7 @@ from eep.evaluate.generation import GenerationScorer
 from eep.evaluate.reference import flat_metrics, manager_for
 from eep.evaluate.scoring import LoglikelihoodScorer
 from eep.evaluate.splits import ROLES, SplitRef, plan_splits
+from eep.logs import quiet_harness
 
 log = logging.getLogger(__name__)
 WORST_FITNESS = -1.0
@@ -71,13 +72,16 @@ class Evaluator:
             raise ValueError(f"role={role!r}; choose one of {', '.join(ROLES)}")
         manager = manager_for(tasks, tuple(include_paths))
         self.model, self.role, self.limit, self.progress = model, role, limit, progress
-        loaded = manager.load(tasks)
-        self.tasks, self.groups = loaded["tasks"], loaded["groups"]
-        self.plans = {name: plan_splits(t, split_overrides, split_seed) for name, t in self.tasks.items()}
-        device = device or str(next(model.parameters()).device)
-        self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-        self.weights = self._weights(weights)
-        self._build(num_fewshot, fewshot_seed, apply_chat_template, fewshot_as_multiturn, system_instruction)
+        # lm-eval warns at every task load (custom dataset) and HFLM(pretrained=<live model>), which is how eep
+        # hands its patched model over: known harmless, quiet unless verbose (eep.logs)
+        with quiet_harness(progress):
+            loaded = manager.load(tasks)
+            self.tasks, self.groups = loaded["tasks"], loaded["groups"]
+            self.plans = {name: plan_splits(t, split_overrides, split_seed) for name, t in self.tasks.items()}
+            device = device or str(next(model.parameters()).device)
+            self.lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+            self.weights = self._weights(weights)
+            self._build(num_fewshot, fewshot_seed, apply_chat_template, fewshot_as_multiturn, system_instruction)
 
     # ------------------------------------------------------------------ set-up (once)
     def _build(self, num_fewshot, fewshot_seed, apply_chat_template, fewshot_as_multiturn, system_instruction):

@@ -7,6 +7,9 @@ import torch
 from tqdm import tqdm
 
 
+SAMPLING_ONLY = ("temperature", "top_p", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
 def single_token_ids(tokenizer, stops: list[str]) -> list[int] | None:
     """Token ids of ``stops`` if every stop string is exactly one token that decodes back to itself, else None."""
     ids = []
@@ -93,7 +96,9 @@ class GenerationScorer:
         if batch.stop_ids is None:
             return self.lm._model_generate(context=batch.ids, attention_mask=batch.mask, stop=list(batch.until),
                                            max_length=batch.max_length, **batch.kwargs)
-        kwargs = {k: v for k, v in batch.kwargs.items() if k != "temperature"}
+        # greedy: sampling-only flags change nothing, and transformers warns about them ("generation flags are not
+        # valid"), so they are not passed
+        kwargs = {k: v for k, v in batch.kwargs.items() if k not in SAMPLING_ONLY}
         kwargs["do_sample"] = False
         return self.lm.model.generate(input_ids=batch.ids, attention_mask=batch.mask, max_length=batch.max_length,
                                       eos_token_id=batch.stop_ids, pad_token_id=self.lm.tokenizer.pad_token_id,

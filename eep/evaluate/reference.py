@@ -53,10 +53,13 @@ def simple_scores(model, tokenizer, tasks: list[str], limit: int | None = None, 
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from eep.logs import quiet_harness
+
     manager = manager_for(tasks, include_paths)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                  log_samples=False, bootstrap_iters=0)
+    with quiet_harness():  # lm-eval's warnings about a live model passed as `pretrained`: harmless (eep.logs)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                      log_samples=False, bootstrap_iters=0)
     return flat_metrics(out["results"])
 
 

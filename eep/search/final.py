@@ -68,13 +68,19 @@ def parameter_counts(model, adapter, num_kept: int | None = None) -> dict[str, i
     return {"total": total - expert + kept - router, "expert": kept}
 
 
-def plot_curve(rows: list[dict], path: Path) -> None:
-    """Search fitness against distinct evaluations, one colour per phase, with the running best."""
+def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (eep only writes image files: no display, no GUI toolkit probed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curve(rows: list[dict], path: Path) -> None:
+    """Search fitness against distinct evaluations, one colour per phase, with the running best."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     best, xs, ys = float("-inf"), [], []
     for i, row in enumerate(rows, 1):
@@ -148,11 +154,7 @@ def expert_usage(model, adapter, batch: dict) -> torch.Tensor:
 
 def plot_usage(before, after, path: Path) -> None:
     """Two heat maps, MoE layers x expert slots: routing shares of the full model and of the chosen candidate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
     for ax, data, title in zip(axes, (before, after), ("full model", "chosen candidate")):
         im = ax.imshow(data.numpy(), aspect="auto", cmap="viridis", vmin=0)
@@ -172,9 +174,12 @@ def generation_speed(model, batch: dict, new_tokens: int = 16) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
+    # exactly `new_tokens` new tokens, as total lengths: max_new_tokens would conflict with a max_length in the
+    # model's own generation config (transformers then warns that both are set)
+    length = batch["input_ids"].shape[1] + new_tokens
     start = time.perf_counter()
     with torch.no_grad():
-        model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        model.generate(**batch, max_length=length, min_length=length, do_sample=False,
                        pad_token_id=model.generation_config.pad_token_id or 0)
     if device.type == "cuda":
         torch.cuda.synchronize()
