@@ -16,12 +16,18 @@ PROG = "eep-compare"
 
 
 def _redirect_resume(argv: list[str]) -> list[str]:
-    """``resume=<folder>``: make Hydra's run folder that folder (checked first: a bad one is one line, exit 2)."""
+    """Unknown keys and config-group options refused first (before Hydra composes: one line, exit 2);
+    ``resume=<folder>``: make Hydra's run folder that folder (checked first: a bad one is one line, exit 2)."""
+    from eep.settings import UserError, check_overrides
+
+    try:
+        check_overrides(argv, compare=True)
+    except UserError as err:
+        sys.exit(fail(PROG, err))
     values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if not values or values[-1] in ("", "null"):
         return argv
     from eep.compare import resume_folder
-    from eep.search.run import UserError
 
     try:
         folder = resume_folder(values[-1]).resolve()

@@ -8,21 +8,28 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import eep
-from eep.cli.common import user_errors
+from eep.cli.common import fail, user_errors
 from eep.logs import quiet_third_party, verbose_requested
 from eep.parallel import WorkerLost
 from eep.search import run as R
+from eep.settings import UserError, check_overrides
+
+PROG = "eep-search"
 
 
 def _redirect_resume(argv: list[str]) -> list[str]:
-    """``resume=<folder>``: make Hydra's run folder that folder, so the run goes on where it was."""
+    """Unknown keys and config-group options refused first (before Hydra composes: one line, exit 2);
+    ``resume=<folder>``: make Hydra's run folder that folder, so the run goes on where it was."""
+    try:
+        check_overrides(argv)
+    except UserError as err:
+        sys.exit(fail(PROG, err))
     for arg in argv:
         if arg.startswith("resume=") and arg.split("=", 1)[1] not in ("", "null"):
             folder = Path(arg.split("=", 1)[1]).resolve()
             if not (folder / R.CONFIG).is_file():
-                print(f"eep-search: error: resume={folder} is not an eep-search run folder (no {R.CONFIG}); give the "
-                      f"folder a run printed when it started", file=sys.stderr)
-                sys.exit(2)
+                sys.exit(fail(PROG, UserError(f"resume={folder} is not an eep-search run folder (no {R.CONFIG}); "
+                                              f"give the folder a run printed when it started")))
             return [*argv, f"hydra.run.dir={folder}"]
     return argv
 
@@ -51,12 +58,12 @@ def app(cfg: DictConfig) -> None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        with user_errors("eep-search"):
+        with user_errors(PROG):
             from eep.search.app import run
 
             run(_effective_config(cfg, run_dir), run_dir)
     except WorkerLost as err:  # a candidate that keeps killing its Ray worker: the run stays resumable
-        print(f"eep-search: error: {err}; resume with resume={run_dir}", file=sys.stderr)
+        print(f"{PROG}: error: {err}; resume with resume={run_dir}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from eep import settings as S
+from eep.genome import Genome
 from eep.search import final as F
 from eep.search import run as R
 
@@ -23,66 +25,17 @@ def task_names(cfg: DictConfig) -> tuple[list[str], tuple[str, ...]]:
     return names, paths
 
 
-def _shape(cfg: DictConfig):
-    """Adapter class, MoE layer count, E and k of the configured model, from its config alone (meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from eep.arch import adapter_for
-    from eep.models import ModelConfig
-
-    where = ModelConfig(**OmegaConf.to_container(cfg.model)).location()
-    config = AutoConfig.from_pretrained(where)
-    with torch.device("meta"):
-        adapter = adapter_for(AutoModelForCausalLM.from_config(config))
-    return adapter, len(adapter.layers), adapter.num_experts, adapter.top_k
-
-
-def _check_optimizers(cfg: DictConfig) -> None:
-    import nevergrad as ng
-
-    from eep.search.proposers import nevergrad_optimizer
-
-    for key in ("prune_name", "merge_name"):
-        name = cfg.optimizer[key]
-        if name != "eep" and name not in ng.optimizers.registry:
-            try:
-                nevergrad_optimizer(name, ng.p.Scalar(), 1, 0)
-            except ValueError as err:
-                raise R.UserError(f"optimizer.{key}: {err}") from None
+_check_optimizers = S.check_optimizers
+SEEDABLE = S.SEEDABLE
 
 
 def validate(cfg: DictConfig):
-    """Everything checkable before the weights load: tasks, optimisers, workers (and Ray if they need it), counts
-    against the model's config. Returns the model's adapter (on the meta device), E', k' and the layer groups."""
-    from eep.evaluate.reference import manager_for
-
-    names, paths = task_names(cfg)
-    manager_for(names, paths)
-    _check_optimizers(cfg)
-    if R.check_parallel(cfg)[1] > 1:
-        from eep.parallel import _ray
-
-        _ray()
-    adapter, layers, experts, top_k = _shape(cfg)
-    kept, k, groups = R.check_settings(cfg, layers, experts, top_k)
-    _check_init_from(cfg, len(groups), layers)
-    return adapter, kept, k, groups
-
-
-# methods whose result is a genome over the original weights alone (no weight rewrite, no routing patch)
-SEEDABLE = ("random", "frequency", "soft_activation", "reap", "enumeration", "enumeration_progressive", "hc_smoe")
-
-
-def _check_init_from(cfg: DictConfig, num_groups: int, num_layers: int) -> None:
-    method = cfg.search.init_from
-    if method is None:
-        return
-    if method not in SEEDABLE:
-        raise R.UserError(f"search.init_from={method}: use one of {', '.join(SEEDABLE)} (methods whose result is a "
-                          "genome alone; m_smoe and svd_compress rewrite expert weights, skipping patches routing)")
-    if num_groups != num_layers:
-        raise R.UserError(f"search.init_from={method} gives one genome pair per layer: use it with "
-                          f"search.layer_groups=per_layer (not {cfg.search.layer_groups})")
+    """Every key checked before the weights load (``eep.settings``: types, ranges, paths, names, combinations),
+    then the counts against the model's config.json. Returns the model's adapter (on the meta device), E', k' and
+    the layer groups."""
+    S.check(cfg, "eep-search")
+    shape = S.check_shape(cfg)
+    return shape.adapter, shape.num_experts, shape.top_k, shape.groups
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict | None:
@@ -93,12 +46,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict | None:
         return None
     if not cfg.resume and (run_dir / R.STATE).exists():
         raise R.UserError(f"{run_dir} already holds a search; resume it with resume={run_dir}")
-    state = R.resume_state(run_dir, cfg, cfg.resume_force) if cfg.resume else None
     adapter, kept, k, groups = validate(cfg)
+    state = R.resume_state(run_dir, cfg, cfg.resume_force) if cfg.resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:
         OmegaConf.save(cfg, run_dir / R.CONFIG)
-    return _run(cfg, run_dir, state or R.new_state(cfg, *_template(adapter, kept, k, groups)))
+    full = Genome.pruning([list(range(adapter.num_experts))] * len(groups), adapter.num_experts, adapter.top_k, groups)
+    return _run(cfg, run_dir, state or R.new_state(cfg, *_template(adapter, kept, k, groups)), full)
 
 
 def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
@@ -119,8 +73,6 @@ def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
 
 def _template(adapter, kept: int, top_k: int, groups):
     """The genome fixing the candidates' shape (the first E' experts kept) and the expert-group count (DeepSeek)."""
-    from eep.genome import Genome
-
     expert_groups = int(getattr(adapter.model.config, "n_group", 1) or 1) if adapter.name() == "DeepseekV3" else 1
     return Genome.pruning([list(range(kept))] * len(groups), adapter.num_experts, top_k, groups), expert_groups
 
@@ -160,9 +112,10 @@ def _pool(cfg: DictConfig, replica: Replica | None):
     return RayPool(build, ev.workers, ev.threads, ev.ray_address, gpus=gpu)
 
 
-def _run(cfg: DictConfig, run_dir: Path, state) -> dict:
-    """Search on the pool (a serial run loads its model first; a parallel one after the search, for the final
-    pick), then finish. The run's own ``state.ask_batch`` stands on resume."""
+def _run(cfg: DictConfig, run_dir: Path, state, full) -> dict:
+    """Score the full model (``full``: the genome keeping every expert) on the search split, search on the pool (a
+    serial run loads its model first; a parallel one after the search, for the final pick), then finish. The run's
+    own ``state.ask_batch`` stands on resume."""
     if cfg.evaluator.threads:
         torch.set_num_threads(cfg.evaluator.threads)
     if state.ask_batch != R.check_parallel(cfg)[0]:
@@ -175,8 +128,10 @@ def _run(cfg: DictConfig, run_dir: Path, state) -> dict:
             rows.append(R.row(genome, result, phase))
             bar(genome, result, phase)
 
+        _baseline(cfg, state, pool, replica, run_dir, full)
         _init_from(cfg, state, pool, replica, run_dir, record)
-        state = R.search(state, pool, run_dir, cfg.search.time_limit, on_evaluated=record)
+        state = R.search(state, pool, run_dir, cfg.search.time_limit, on_evaluated=record,
+                         max_failed=cfg.search.get("max_failed_candidates", 5))
         restarts = list(getattr(pool, "events", []))
     search = {"search_seconds": time.time() - start, "workers": cfg.evaluator.workers, "worker_restarts": restarts}
     if not state.finished:
@@ -184,6 +139,34 @@ def _run(cfg: DictConfig, run_dir: Path, state) -> dict:
         return {}
     R.write_best(run_dir, *state.archive.best())
     return _finish(cfg, run_dir, replica or Replica(cfg, search=False), state, rows, search)
+
+
+def _baseline(cfg: DictConfig, state, pool, replica: Replica | None, run_dir: Path, full) -> None:
+    """The full model's score on the search split, before any candidate (once per run, kept in the checkpoint and
+    reported as ``search_full``): if its evaluation raises, no candidate can be scored either, so the run stops
+    here with one line naming the task, the error and the way out, instead of scoring every candidate -1."""
+    if "baseline" in state.extra:
+        return
+    if replica is not None:  # the unpruned model itself, in this process
+        score = replica.searcher.evaluate()
+        result = R.Evaluation(score.fitness, score.metrics, round(score.seconds, 4), score.error)
+    else:  # on a worker: the genome keeping every expert with the model's own top-k is the unpruned model
+        out = []
+        pool.run([full], lambda genome, result: out.append(result))
+        result = out[0]
+    if R.raised(result):
+        names, batch = task_names(cfg)[0], cfg.evaluator.batch_size
+        way_out = (f"evaluator.batch_size=1 (batched generation fails inside some models; lm-eval's scores depend on "
+                   f"the batch size, so eep does not change it silently)" if batch > 1 else
+                   "check that the model runs under plain lm_eval --model hf with these tasks")
+        raise R.UserError(f"the full model cannot be evaluated on {', '.join(names)} (search split, "
+                          f"evaluator.batch_size={batch}): {str(result.error).splitlines()[0]}; nothing was "
+                          f"searched; try {way_out}")
+    if result.error:
+        log.warning("the full model scores %s on the search split: %s", result.fitness, result.error)
+    state.extra["baseline"] = {"fitness": result.fitness, "metrics": result.metrics, "error": result.error}
+    R.save_checkpoint(state, run_dir / R.STATE)
+    log.info("full model on the search split: fitness %.4f", result.fitness)
 
 
 def _init_from(cfg: DictConfig, state, pool, replica: Replica | None, run_dir: Path, record) -> None:
@@ -227,7 +210,9 @@ def _finish(cfg, run_dir, replica: Replica, state, rows, search: dict) -> dict:
     tester = make_evaluator(cfg, model, tok, "test")
     single = names[0] if len(names) == 1 else None
 
-    def value(score) -> float:
+    def value(score) -> float | None:
+        if score.error and not score.metrics:  # the evaluation raised: nothing to report (logged by the evaluator)
+            return None
         return F.reported_value(score, names)
 
     full_val, full_test = value(validator.evaluate()), value(tester.evaluate())
@@ -256,7 +241,7 @@ def _finish(cfg, run_dir, replica: Replica, state, rows, search: dict) -> dict:
         "top_k": {"before": mat.adapter.top_k, "after": best.top_k},
         "parameters": {"before": F.parameter_counts(model, mat.adapter),
                        "after": F.parameter_counts(model, mat.adapter, best.num_kept)},
-        "search_seconds": search["search_seconds"], "evaluations": len(state.archive.entries), "generation": speed,
+        "search_full": state.extra.get("baseline"), "search_seconds": search["search_seconds"], "evaluations": len(state.archive.entries), "generation": speed,
         "best_hash": best.content_hash(), "validation_candidates": picked["candidates"],
         "export": {"exact": exported.exact, "router_top_k_overlap": exported.router_top_k_overlap},
         "seed": cfg.seed, "versions": state.extra.get("versions"),
@@ -268,7 +253,8 @@ def _finish(cfg, run_dir, replica: Replica, state, rows, search: dict) -> dict:
 
 
 def _print_summary(report: dict) -> None:
-    t, p = report["test"], report["parameters"]
+    p = report["parameters"]
+    t = {k: float("nan") if v is None else v for k, v in report["test"].items()}
     print(f"\n{report['task']} (test split, {report['test_limit'] or 'all'} docs)")
     print(f"{'':<18}{'test':>8}{'experts':>9}{'parameters':>13}")
     print(f"{'full':<18}{t['full']:>8.4f}{report['experts']['before']:>9}{p['before']['total']:>13,}")

@@ -17,29 +17,30 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from eep.genome import Genome, depth_groups
+from eep.genome import Genome
 from eep.search.state import Phase, SearchState, load_checkpoint, run_plan, save_checkpoint
 from eep.search.strategy import EEPSettings
+from eep.settings import UserError, check_parallel, check_settings  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 STATE, CONFIG, ROWS = "eep_state.pkl", "eep_config.yaml", "evaluations.jsonl"
 VERSIONED = ("eep", "torch", "transformers", "lm_eval", "nevergrad", "hydra-core")
 
 
-class UserError(ValueError):
-    """A problem with the user's settings: printed as one line, exit status 2, no traceback."""
-
-
 NOT_HASHED = ("workers", "ray_address")  # evaluator keys that do not change which genomes a run evaluates
+NOT_HASHED_SEARCH = ("max_failed_candidates",)  # nor does when a failing run stops (it may be raised on resume)
 
 
 def config_hash(cfg: DictConfig) -> str:
     """Hash of the run-defining config (``resume``, ``resume_force``, ``evaluator.workers`` and
-    ``evaluator.ray_address`` excluded: a run may be resumed on another pool; its ``ask_batch`` is in its state)."""
+    ``evaluator.ray_address`` excluded: a run may be resumed on another pool; its ``ask_batch`` is in its state;
+    ``search.max_failed_candidates`` too)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     data = {k: v for k, v in data.items() if k not in ("resume", "resume_force")}
     if isinstance(data.get("evaluator"), dict):
         data["evaluator"] = {k: v for k, v in data["evaluator"].items() if k not in NOT_HASHED}
+    if isinstance(data.get("search"), dict):
+        data["search"] = {k: v for k, v in data["search"].items() if k not in NOT_HASHED_SEARCH}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -51,39 +52,6 @@ def package_versions() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - a missing distribution is recorded, not fatal
             out[name] = "unknown"
     return out
-
-
-def check_settings(cfg: DictConfig, num_layers: int, num_experts: int, model_top_k: int) -> tuple[int, int, tuple]:
-    """``(E', k', layer groups)`` from the search config, or a UserError naming the key and what is valid."""
-    s = cfg.search
-    kept = s.num_experts
-    if not isinstance(kept, int) or not 1 <= kept <= num_experts:
-        raise UserError(f"search.num_experts={kept!r}: must be an integer between 1 and the model's {num_experts} "
-                        f"experts")
-    top_k = min(model_top_k, kept) if s.top_k is None else s.top_k
-    if not isinstance(top_k, int) or not 1 <= top_k <= kept:
-        raise UserError(f"search.top_k={s.top_k!r}: must be an integer between 1 and search.num_experts={kept}")
-    for key in ("prune_budget", "merge_budget", "final_candidates"):
-        if not isinstance(s[key], int) or s[key] < 0:
-            raise UserError(f"search.{key}={s[key]!r}: must be an integer >= 0")
-    groups = s.layer_groups
-    if groups != "per_layer" and not (isinstance(groups, int) and 1 <= groups <= num_layers):
-        raise UserError(f"search.layer_groups={groups!r}: use per_layer or a number of depth groups between 1 and "
-                        f"{num_layers} (the model's MoE layers)")
-    return kept, top_k, depth_groups(num_layers, None if groups == "per_layer" else groups)
-
-
-def check_parallel(cfg: DictConfig) -> tuple[int, int]:
-    """``(ask_batch, workers)`` from ``search.ask_batch`` (null: the worker count) and ``evaluator.workers``, and
-    ``evaluator.threads`` checked; a UserError names the key."""
-    workers, threads, batch = cfg.evaluator.workers, cfg.evaluator.threads, cfg.search.ask_batch
-    if not isinstance(workers, int) or workers < 1:
-        raise UserError(f"evaluator.workers={workers!r}: must be an integer >= 1")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise UserError(f"evaluator.threads={threads!r}: must be null (the default) or an integer >= 1")
-    if batch is not None and (not isinstance(batch, int) or batch < 1):
-        raise UserError(f"search.ask_batch={batch!r}: must be null (evaluator.workers) or an integer >= 1")
-    return batch or workers, workers
 
 
 def new_state(cfg: DictConfig, template: Genome, expert_groups: int) -> SearchState:
@@ -156,12 +124,58 @@ def row(genome: Genome, result: Evaluation, phase: str) -> dict:
     return {**out, "genome": genome.to_dict()} if result.applied else out
 
 
-def search(state: SearchState, pool, run_dir: Path, time_limit: float | None, on_evaluated=None) -> SearchState:
+def raised(result) -> bool:
+    """Whether an evaluation failed by raising (or the materialiser refused the genome); a candidate with NaN/inf
+    logits (``non-finite ...``, which merging can legitimately produce) is a scored candidate, not a failure."""
+    error = getattr(result, "error", None)
+    return bool(error) and not str(error).startswith("non-finite")
+
+
+class FailingCandidates(UserError):
+    """``search.max_failed_candidates`` candidates in a row whose evaluation raised: the run stops, resumable."""
+
+
+class _Failures:
+    """Consecutive failed candidates (``raised``), counted in commit (ask) order."""
+
+    def __init__(self, limit: int | None):
+        self.limit, self.count, self.last = limit, 0, None
+
+    def __call__(self, genome: Genome, result, phase: str) -> None:
+        if raised(result):
+            self.count, self.last = self.count + 1, str(result.error).splitlines()[0]
+        else:
+            self.count = 0
+
+    @property
+    def reached(self) -> bool:
+        return self.limit is not None and self.count >= self.limit
+
+
+def search(state: SearchState, pool, run_dir: Path, time_limit: float | None, on_evaluated=None,
+           max_failed: int | None = None) -> SearchState:
     """Run (or go on with) the plan on ``pool`` (``eep.search.loop.SerialPool`` or ``eep.parallel.RayPool``),
-    checkpointing into ``run_dir``; ``on_evaluated(genome, result, phase)`` per new genome, in ask order."""
+    checkpointing into ``run_dir``; ``on_evaluated(genome, result, phase)`` per new genome, in ask order. After
+    ``max_failed`` consecutive candidates whose evaluation raised, it stops after the batch's commit (the checkpoint
+    intact) and raises :class:`FailingCandidates`."""
     deadline = None if time_limit is None else time.monotonic() + float(time_limit)
-    return run_plan(state, pool, checkpoint=lambda s: save_checkpoint(s, run_dir / STATE),
-                    on_evaluated=on_evaluated, stop=None if deadline is None else lambda: time.monotonic() > deadline)
+    failures = _Failures(max_failed)
+
+    def evaluated(genome, result, phase) -> None:
+        failures(genome, result, phase)
+        if on_evaluated is not None:
+            on_evaluated(genome, result, phase)
+
+    def stop() -> bool:
+        return failures.reached or (deadline is not None and time.monotonic() > deadline)
+
+    state = run_plan(state, pool, checkpoint=lambda s: save_checkpoint(s, run_dir / STATE), on_evaluated=evaluated,
+                     stop=stop)
+    if failures.reached and not state.finished:
+        raise FailingCandidates(f"search.max_failed_candidates={max_failed}: the last {failures.count} candidates "
+                                f"could not be evaluated (last error: {failures.last}); the search stopped with its "
+                                f"checkpoint intact: fix the cause and resume with resume={run_dir}")
+    return state
 
 
 def write_best(run_dir: Path, fitness: float, genome: Genome) -> None:
