@@ -80,16 +80,13 @@ def at_count(cfg: DictConfig, num_experts: int) -> DictConfig:
 
 
 def validate(cfg: DictConfig) -> tuple[list[str], list[tuple[int, int]]]:
-    """Methods, and ``(E', k')`` per expert count, all checked before the model loads."""
-    methods = methods_of(cfg)
-    if cfg.compare.calibration not in ("task", "skills_all"):
-        raise R.UserError(f"compare.calibration={cfg.compare.calibration}: use task (the task's search split) or "
-                          "skills_all (the mixed-skills corpus)")
-    shapes = []
-    for n in counts_of(cfg):
-        _, kept, top_k, _ = app.validate(at_count(cfg, n))
-        shapes.append((kept, top_k))
-    return methods, shapes
+    """Methods, and ``(E', k')`` per expert count, all checked before the model loads (``eep.settings``: every key,
+    then each count against the model's config.json)."""
+    from eep import settings
+
+    settings.check(cfg, "eep-compare")
+    shapes = [settings.check_shape(cfg, n) for n in counts_of(cfg)]
+    return methods_of(cfg), [(s.num_experts, s.top_k) for s in shapes]
 
 
 def resume_folder(value) -> Path:
