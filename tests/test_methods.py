@@ -115,12 +115,22 @@ def test_permutation_alignment_recovers_a_permuted_copy_and_preserves_function()
     assert all(torch.equal(a, b) for a, b in zip(permute_expert(*shuffled, found), (gate_up[0], down[0])))
     x = torch.randn(20, down.shape[1])
     before = expert_outputs(layer, x, 1)
-    aligned = permute_expert(gate_up[1], down[1], align_permutation((gate_up[0], down[0]), (gate_up[1], down[1])))
+    original = gate_up[1].clone(), down[1].clone()
+    found = align_permutation((gate_up[0], down[0]), original)
+    assert not torch.equal(found, torch.arange(len(found)))  # a real reordering: the checks below can fail
+    aligned = permute_expert(*original, found)
     rewrite = ExpertRewrite("test", {(0, 1): aligned}, function_preserving=True)
     rewrite.apply(mat)
-    assert not torch.equal(layer.experts.gate_up_proj[1], gate_up[1].clone().zero_())
+    # slot 1 now holds exactly expert 1's weights reordered by ``found`` (gate rows, up rows, down columns) ...
+    gate, up = original[0].chunk(2)
+    assert torch.equal(layer.experts.gate_up_proj[1], torch.cat([gate[found], up[found]]))
+    assert torch.equal(layer.experts.down_proj[1], original[1][:, found])
+    assert not torch.equal(layer.experts.gate_up_proj[1], original[0])
+    # ... which computes the same function; the other slots are untouched
     torch.testing.assert_close(expert_outputs(layer, x, 1), before, rtol=1e-5, atol=1e-6)
     rewrite.undo(mat)
+    assert torch.equal(layer.experts.gate_up_proj[1], original[0]) and torch.equal(layer.experts.down_proj[1],
+                                                                                   original[1])
 
 
 def test_m_smoe_alignment_rewrite_leaves_the_model_function_unchanged():
@@ -170,8 +180,29 @@ def test_skipping_with_beta_zero_equals_top_k_and_betas_are_median_ratios():
     with applied(mat, zero):
         assert torch.equal(logits(model, cal), plain)
     skip = compute("skipping", model, mat, cal, num_kept=8, top_k=2)
-    assert all(0 < b[0] < 1 for b in skip.info["betas"])
-    assert all(0.3 < s[0] <= 0.5 for s in skip.info["calibration_share_skipped_per_rank"])  # below the median
+    # independently: Mixtral's top-2 weights are renormalised softmax probabilities, so w_2 / w_1 = exp(z_2 - z_1)
+    # from the router logits z of each of the 4 x 12 calibration tokens; beta = their (lower) median per layer
+    inputs, hooks = [], [layer.router.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+                         for layer in mat.layers]
+    try:
+        logits(model, cal)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(inputs) == 3
+    for layer, hidden, beta, share in zip(mat.layers, inputs, skip.info["betas"],
+                                          skip.info["calibration_share_skipped_per_rank"]):
+        top = (hidden.reshape(-1, 32) @ layer.router.weight.T).topk(2, dim=-1).values
+        ratios = torch.exp(top[:, 1] - top[:, 0])
+        assert len(ratios) == 48 and 0 < beta[0] < 1
+        torch.testing.assert_close(torch.tensor(beta[0]), ratios.median(), rtol=1e-5, atol=0)
+        # the share skipped is the share strictly below the median (tokens repeating a prefix tie with each other);
+        # the counts are rounding-proof: no other ratio lies within 1e-4 (relative) of the median
+        median = ratios.median()
+        others = ratios[(ratios - median).abs() > 1e-6 * median]
+        assert ((others - median).abs() > 1e-4 * median).all()
+        assert share == [pytest.approx(int((ratios < median * (1 - 1e-6)).sum()) / 48, abs=1e-6)]
+        assert share[0] <= 0.5
     with applied(mat, skip):
         assert not torch.allclose(logits(model, cal), plain)
 
@@ -270,5 +301,17 @@ def test_skills_mixtral_results_export_and_reload_with_plain_transformers(tmp_pa
     merged = compute("m_smoe", model, mat, cal, num_kept=4, top_k=2)
     result = export_result(mat, merged, tmp_path / "m_smoe", tok, calibration=cal)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m_smoe").eval()
-    assert reloaded.config.num_local_experts == 4 and torch.isfinite(logits(reloaded, cal)).all()
-    assert 0.5 < result.router_top_k_overlap <= 1.0
+    assert reloaded.config.num_local_experts == 4
+    # the checkpoint holds exactly the candidate's merged experts (slots 0..3); only its gates are refit, so it
+    # follows the candidate, not the full model: next-token argmax agrees on 97% of the calibration tokens
+    # (measured; the full model agrees with the candidate on 78%), refit top-2 overlap measured 0.906
+    full = logits(model, cal)
+    with applied(mat, merged):
+        candidate = logits(model, cal)
+        slots = {k: v[:4].clone() for k, v in model.state_dict().items() if ".experts." in k}
+    exported = reloaded.state_dict()
+    assert len(slots) == 8 and all(torch.equal(exported[k], v) for k, v in slots.items())
+    mask = cal["attention_mask"].bool()
+    agree = (logits(reloaded, cal).argmax(-1) == candidate.argmax(-1))[mask].float().mean()
+    assert agree > 0.9 > (full.argmax(-1) == candidate.argmax(-1))[mask].float().mean()
+    assert 0.8 < result.router_top_k_overlap < 1.0
