@@ -1,6 +1,8 @@
 """Parallel evaluation on Ray: 2 local CPU workers give the serial run's genomes and best; a worker killed mid-candidate
-is replaced and its genome re-queued; a parallel run killed mid-batch resumes exactly. One local Ray instance serves
-the whole module (its start-up takes seconds). And the Hydra launcher configs compose.
+is replaced and its genome re-queued; a parallel run killed mid-batch resumes exactly; ``evaluator.ray_address``
+joins a cluster the test starts itself (``ray start`` on loopback, its own port and folder, stopped afterwards) and
+gives the serial run's rows. One local Ray instance serves the other tests (its start-up takes seconds). And the
+Hydra launcher configs compose.
 
 Ray and the launchers are the extras ``eep[ray,launchers]``: missing, these tests are skipped with a reason, except
 where ``EEP_REQUIRE_EXTRAS=1`` (CI sets it), where a missing extra is an error."""
@@ -8,8 +10,12 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -38,16 +44,101 @@ if ray is not None:
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray instance (2 CPUs) for every Ray test of the module."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+def _module_ray():
+    """Shuts the module's local Ray instance down after the last test of the module."""
     yield
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def local_ray(_module_ray):
+    """One local Ray instance (2 CPUs) shared by the Ray tests of the module (started again if a test that joins a
+    cluster shut it down)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        _LOCAL_RAY_STARTED.append(True)
+    yield
+
+
+_LOCAL_RAY_STARTED = []  # Ray 2.60: a process that ran a local instance cannot then start actors on a cluster it
+# joins (they are cancelled before they start: "all references to the actor were removed"); the cluster test runs
+# before the module's other Ray tests (file order). A local instance after a cluster, or after another, works.
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), "ray")  # the venv's, also when it is not on PATH
+    return beside if os.path.exists(beside) else shutil.which("ray")
+
+
+@pytest.fixture
+def ray_cluster(_module_ray):
+    """A one-node Ray cluster of this test's own: ``ray start --head --block`` on loopback with a free port, its own
+    short temporary folder (Ray's unix socket paths must stay under ~107 characters) and a custom resource
+    ``eep_test_cluster`` that tells it from any other Ray instance. Yields ``(address, resource)``; afterwards the
+    processes it started (its own process group) are stopped and its folder
+    removed. ``RAY_AUTH_MODE=disabled``: Ray 2.60's ``ray start`` turns token authentication on whenever
+    ``~/.ray/auth_token`` exists (any earlier local ``ray.init()`` writes one), while a driver given an explicit
+    address only sends a token when ``RAY_AUTH_MODE=token`` is set; the test does not depend on that file."""
+    assert not _LOCAL_RAY_STARTED, "run the cluster test before the tests that start a local Ray (file order)"
+    if ray.is_initialized():  # a Ray this process joined before: ``eep.parallel.connect`` would reuse it
+        ray.shutdown()
+    port, folder = _free_port(), tempfile.mkdtemp(prefix="eepray", dir="/tmp")
+    resource = "eep_test_cluster"
+    out = open(os.path.join(folder, "ray_start.log"), "w")
+    proc = subprocess.Popen(
+        [_ray_cli(), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
+         f"--temp-dir={folder}", "--num-cpus=2", f"--resources={json.dumps({resource: 1})}",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in open(out.name).read():
+            assert proc.poll() is None, f"ray start exited with {proc.returncode}:\n{open(out.name).read()}"
+            assert time.monotonic() < deadline, f"ray start not ready after 180 s:\n{open(out.name).read()}"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", resource
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        _stop_group(proc)
+        out.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group that ``proc`` leads (``ray start`` and every process it started: GCS, raylet,
+    agents, workers), SIGKILL to what is left of it after 10 s; wait until the group is gone."""
+    proc_group = proc.pid
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc_group, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()  # reap the leader
+            try:
+                os.killpg(proc_group, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def fitness(genome: Genome) -> float:
     kept = [set(genome.kept(i) or []) for i in range(genome.num_layers)]
     return sum(len({0, 1, 2, 3} & k) for k in kept) / 8 - float(genome.merge.abs().mean()) / 10
+
+
+def rows(state: SearchState) -> list[tuple[str, float, str]]:
+    """The archive in commit order: genome hash, fitness, phase."""
+    return [(key, fitness, phase) for key, (fitness, _, phase) in state.archive.entries.items()]
 
 
 def new_state(ask_batch: int = 2) -> SearchState:
@@ -81,6 +172,33 @@ def cheap_worker(flag: str, victim: int):
 
 
 @needs_ray
+def test_eep_search_joins_a_ray_cluster_at_ray_address(ray_cluster, serial_search, tmp_path, caplog, monkeypatch):
+    """``evaluator.workers=2 evaluator.ray_address=127.0.0.1:<port>`` joins the cluster this test started (the
+    driver's Ray sees the cluster's own custom resource, so no local instance was started instead), scores on its 2
+    CPUs and gives the serial ``search.ask_batch=2`` run's rows (same genomes in the same order, same fitness and
+    metrics) and best; the driver leaves the cluster afterwards (and the cluster, not the driver, is stopped by the
+    fixture)."""
+    address, resource = ray_cluster
+    joined, real_init = [], ray.init
+
+    def init(*args, **kwargs):  # the real ray.init; records what the driver connected to
+        context = real_init(*args, **kwargs)
+        joined.append((kwargs.get("address"), ray.cluster_resources()))
+        return context
+
+    monkeypatch.setattr(ray, "init", init)
+    with caplog.at_level(logging.INFO, logger="eep.parallel"):
+        report, rows, best = search(tmp_path, "evaluator.workers=2", f"evaluator.ray_address={address}")
+    assert f"joining the Ray cluster at {address}" in caplog.text
+    assert len(joined) == 1 and joined[0][0] == address
+    assert joined[0][1].get(resource) == 1 and joined[0][1].get("CPU") == 2
+    assert not ray.is_initialized()
+    serial_report, serial_rows, serial_best = serial_search
+    assert len(serial_rows) == 6 and rows == serial_rows and best == serial_best
+    assert report["workers"] == 2 and report["worker_restarts"] == []
+
+
+@needs_ray
 def test_a_worker_killed_mid_candidate_is_replaced_and_the_run_equals_the_serial_one(local_ray, tmp_path, caplog):
     serial = run_plan(new_state(), fitness)
     flag = str(tmp_path / "killed")
@@ -88,7 +206,7 @@ def test_a_worker_killed_mid_candidate_is_replaced_and_the_run_equals_the_serial
             RayPool(lambda: cheap_worker(flag, victim=3), workers=2, threads=1) as pool:
         parallel = run_plan(new_state(), pool)
         assert os.path.exists(flag) and len(pool.events) == 1
-    assert parallel.finished and list(parallel.archive.entries) == list(serial.archive.entries)
+    assert parallel.finished and len(rows(serial)) == 18 and rows(parallel) == rows(serial)
     assert parallel.archive.best()[1] == serial.archive.best()[1]
     assert "died while evaluating genome" in caplog.text and "re-queueing" in caplog.text
 
@@ -136,30 +254,46 @@ def test_a_parallel_run_killed_mid_batch_resumes_to_the_uninterrupted_result(loc
         state = load_checkpoint(path)
         assert not state.finished and 0 < len(state.archive.entries) < 18
         resumed = run_plan(state, pool, checkpoint=lambda s: save_checkpoint(s, path))
-    assert list(resumed.archive.entries) == list(full.archive.entries)
+    assert len(rows(full)) == 18 and rows(resumed) == rows(full)
     assert resumed.archive.best()[1] == full.archive.best()[1] and load_checkpoint(path).finished
 
 
-@needs_ray
-def test_eep_search_with_two_workers_evaluates_the_serial_runs_genomes(local_ray, tmp_path):
-    """``evaluator.workers=2 evaluator.threads=1`` = ``search.ask_batch=2 evaluator.threads=1``: the same rows (in ask
-    order, same fitness and metrics), best genome and fitness; report.json records the workers."""
+TINY_SEARCH = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "search.prune_budget=4",
+               "search.merge_budget=2", "search.eep.population=3", "evaluator.limit=20",
+               "evaluator.validation_limit=10", "evaluator.test_limit=10", "search.final_candidates=1",
+               "evaluator.threads=1"]
+
+
+def search(folder, *extra: str) -> tuple[dict, list, dict]:
+    """One tiny eep-search run in ``folder`` through ``eep.search.app.run``: its report, its rows (genome hash,
+    fitness, metrics, in file order) and best.json."""
     from conftest import compose_config
 
     from eep.search import app
 
-    tiny = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "search.prune_budget=4",
-            "search.merge_budget=2", "search.eep.population=3", "evaluator.limit=20", "evaluator.validation_limit=10",
-            "evaluator.test_limit=10", "search.final_candidates=1", "evaluator.threads=1"]
-    reports = {name: app.run(compose_config("eep_search", [*tiny, extra]), tmp_path / name)
-               for name, extra in (("serial", "search.ask_batch=2"), ("parallel", "evaluator.workers=2"))}
-    rows = {name: [(r["genome_hash"], r["fitness"], r["metrics"]) for r in map(
-        json.loads, (tmp_path / name / "evaluations.jsonl").read_text().splitlines())] for name in reports}
-    assert len(rows["serial"]) == 6 and rows["parallel"] == rows["serial"]
-    best = {name: json.loads((tmp_path / name / "best.json").read_text()) for name in reports}
-    assert best["parallel"] == best["serial"]
-    assert reports["parallel"]["workers"] == 2 and reports["serial"]["workers"] == 1
-    assert reports["parallel"]["worker_restarts"] == []
+    report = app.run(compose_config("eep_search", [*TINY_SEARCH, *extra]), folder)
+    rows = [(r["genome_hash"], r["fitness"], r["metrics"])
+            for r in map(json.loads, (folder / "evaluations.jsonl").read_text().splitlines())]
+    return report, rows, json.loads((folder / "best.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def serial_search(tmp_path_factory):
+    """The serial reference: ``search.ask_batch=2``, one process."""
+    return search(tmp_path_factory.mktemp("serial"), "search.ask_batch=2")
+
+
+@needs_ray
+def test_eep_search_with_two_workers_evaluates_the_serial_runs_genomes(local_ray, serial_search, tmp_path):
+    """``evaluator.workers=2 evaluator.threads=1`` = ``search.ask_batch=2 evaluator.threads=1``: the same rows (in ask
+    order, same fitness and metrics), best genome and fitness; report.json records the workers."""
+    serial_report, serial_rows, serial_best = serial_search
+    report, rows, best = search(tmp_path, "evaluator.workers=2")
+    assert len(serial_rows) == 6 and rows == serial_rows
+    assert len({fitness for _, fitness, _ in rows}) > 1  # the rows tell candidates apart: the comparison can fail
+    assert best == serial_best
+    assert report["workers"] == 2 and serial_report["workers"] == 1
+    assert report["worker_restarts"] == []
 
 
 @pytest.mark.parametrize("launcher, plugin, target", [
