@@ -205,18 +205,24 @@ def test_unknown_task_and_role_are_clear_errors(shipped):
 
 
 def test_export_rescoring_on_a_shipped_model(tmp_path):
-    """Pruned export scores exactly as the in-place candidate; a merged export reports both scores and overlap."""
+    """Pruned export scores exactly as the in-place candidate. A merged export reports both scores and the overlap:
+    here ``W_RM`` is one-hot on 16 distinct experts per layer (``W_EM`` = that plus noise), so the refit gate is
+    exact (overlap 1: see tests/test_materialize.py) and both reported scores equal ``lm_eval.simple_evaluate``'s
+    accuracy of the in-place candidate and of the reloaded checkpoint, which are equal."""
     folder = eep.zoo.path("skills-olmoe")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)
     from eep.export import export
 
     def rescore(m):
-        return Evaluator(m, tok, ["skills_count_mc"], role="validation", limit=30, batch_size=32).evaluate().fitness
+        return Evaluator(m, tok, ["skills_count_mc"], role="test", limit=30, batch_size=32).evaluate().fitness
 
     kept = [list(range(0, 32, 2))] * 4
     pruned = export(model, Genome.pruning(kept, 32, 4), tmp_path / "pruned", tok, rescore=rescore)
     assert pruned.exact and pruned.exported_score == pruned.in_place_score
+    with Materializer(model).applied(Genome.pruning(kept, 32, 4)):
+        assert pruned.in_place_score == simple_scores(model, tok, ["skills_count_mc"], limit=30,
+                                                      batch_size=32)["skills_count_mc"]["acc"] < 1.0
     torch.manual_seed(0)
     rm = torch.zeros(4, 16, 32)
     rm[:, torch.arange(16), torch.arange(16) * 2] = 1.0
@@ -224,6 +230,12 @@ def test_export_rescoring_on_a_shipped_model(tmp_path):
     calib = tok([d for d in ["[count]a?abca=1\n", "[sort]dcba=abcd\n"] * 8], return_tensors="pt", padding=True)
     merged = export(model, Genome.merging(rm, em, 4), tmp_path / "merged", tok, rescore=rescore,
                     calibration={"input_ids": calib["input_ids"], "attention_mask": calib["attention_mask"]})
-    assert not merged.exact and merged.in_place_score is not None and merged.exported_score is not None
-    assert 0.0 < merged.router_top_k_overlap <= 1.0
+    assert not merged.exact and merged.router_top_k_overlap == 1.0
+    mat = Materializer(model)
+    with mat.applied(Genome.merging(rm, em, 4)):
+        in_place = simple_scores(model, tok, ["skills_count_mc"], limit=30, batch_size=32)["skills_count_mc"]["acc"]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    exported = simple_scores(reloaded, tok, ["skills_count_mc"], limit=30, batch_size=32)["skills_count_mc"]["acc"]
+    assert merged.in_place_score == in_place and merged.exported_score == exported == in_place
+    assert rescore(model) == 1.0 > in_place  # the merged candidate is a different model (measured 28 of 30 correct vs 30 of 30)
     assert "score in place" in (tmp_path / "merged" / "README.md").read_text()
