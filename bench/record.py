@@ -28,9 +28,10 @@ def _lscpu() -> dict[str, str]:
 
 
 def _git(*args: str) -> str:
+    """The command's output with trailing white space removed (leading space is meaningful in ``status``)."""
     root = Path(__file__).resolve().parent.parent
     try:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.rstrip()
     except (OSError, subprocess.CalledProcessError):
         return ""
 

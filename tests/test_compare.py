@@ -66,7 +66,7 @@ def score_here(shipped, genome=None):
 @pytest.mark.parametrize("override, message", [
     ("compare.methods=[frequency,magic]", "compare.methods: unknown method 'magic'; valid: eep, enumeration"),
     ("compare.num_experts=[4,9]", "search.num_experts=9: must be an integer between 1 and the model's 8 experts"),
-    ("compare.calibration=wiki", "compare.calibration=wiki: use task"),
+    ("compare.calibration=wiki", "compare.calibration=wiki: use one of task, skills_all"),
 ])
 def test_bad_compare_settings_are_refused_before_the_model_loads(tmp_path, override, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[")):
@@ -167,7 +167,7 @@ def test_a_sigkilled_comparison_resumes_to_the_uninterrupted_table(tmp_path, ref
 
 def test_a_search_stopped_at_its_time_limit_stops_the_comparison_resumably(tmp_path, capsys):
     run_dir = tmp_path / "c"
-    stopped = [*SMALL, "compare.methods=[frequency,eep]", "search.time_limit=0"]
+    stopped = [*SMALL, "compare.methods=[frequency,eep]", "search.time_limit=0.000001"]
     assert compare.run(config(stopped), run_dir) is None
     assert f"resume with resume={run_dir}" in capsys.readouterr().out
     assert not (run_dir / "compare.csv").exists() and not (run_dir / "eep_E4" / "report.json").exists()

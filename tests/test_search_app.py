@@ -72,7 +72,8 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch):
-    """Dies mid-candidate (as under SIGKILL: the candidate in flight is lost), then ``resume=<folder>``."""
+    """Dies mid-candidate (as under SIGKILL: the candidate in flight is lost), then ``resume=<folder>``. The search
+    evaluator's first call scores the full model (the baseline), so the fifth candidate is its sixth call."""
     from eep.evaluate.evaluator import Evaluator
 
     full = tmp_path / "full"
@@ -82,7 +83,7 @@ def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch
     def dying(self):
         if self.role == "search":
             calls["n"] += 1
-            if calls["n"] == 5:
+            if calls["n"] == 6:
                 raise KeyboardInterrupt
         return real(self)
 

@@ -123,15 +123,16 @@ def _run(cfg: DictConfig, run_dir: Path, state, full) -> dict:
     replica = Replica(cfg) if cfg.evaluator.workers == 1 else None
     rows = R.RowLog(run_dir / R.ROWS)
     start = time.time()
-    with _pool(cfg, replica) as pool, _progress(state) as bar:
-        def record(genome, result, phase: str) -> None:
-            rows.append(R.row(genome, result, phase))
-            bar(genome, result, phase)
-
+    with _pool(cfg, replica) as pool:
         _baseline(cfg, state, pool, replica, run_dir, full)
-        _init_from(cfg, state, pool, replica, run_dir, record)
-        state = R.search(state, pool, run_dir, cfg.search.time_limit, on_evaluated=record,
-                         max_failed=cfg.search.get("max_failed_candidates", 5))
+        with _progress(state) as bar:
+            def record(genome, result, phase: str) -> None:
+                rows.append(R.row(genome, result, phase))
+                bar(genome, result, phase)
+
+            _init_from(cfg, state, pool, replica, run_dir, record)
+            state = R.search(state, pool, run_dir, cfg.search.time_limit, on_evaluated=record,
+                             max_failed=cfg.search.get("max_failed_candidates", 5))
         restarts = list(getattr(pool, "events", []))
     search = {"search_seconds": time.time() - start, "workers": cfg.evaluator.workers, "worker_restarts": restarts}
     if not state.finished:
