@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import logging
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eep.search import app
 from eep.search import final as F
+from eep.files import write_atomic
 from eep.search import run as R
 
 log = logging.getLogger("eep.compare")
@@ -101,20 +101,11 @@ def resume_folder(value) -> Path:
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """On resume, the run's saved config with ``overrides`` (other than the resume keys) applied, as eep-search
-    does; with a config-group selection among them (``model=...``) the freshly composed ``cfg`` stands. ``run``
-    then checks the result against the run's hash."""
+    """On resume, the run's saved config with ``overrides`` applied, as eep-search does
+    (:func:`eep.search.run.resumed_config`); ``run`` then checks the result against the run's hash."""
     if not cfg.resume:
         return cfg
-    saved = OmegaConf.load(resume_folder(cfg.resume) / CONFIG)
-    extra = [o for o in overrides if o.split("=")[0] not in ("resume", "resume_force")]
-    keys = [o.split("=")[0].lstrip("+~") for o in extra]
-    if all("." in k or (k in saved and not OmegaConf.is_dict(saved[k])) for k in keys):
-        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra))
-    else:
-        merged = OmegaConf.create(OmegaConf.to_container(cfg))
-    merged.resume, merged.resume_force = cfg.resume, cfg.resume_force
-    return merged
+    return R.resumed_config(cfg, OmegaConf.load(resume_folder(cfg.resume) / CONFIG), overrides)
 
 
 def run(cfg: DictConfig, run_dir: Path) -> list[Row] | None:
@@ -135,9 +126,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[Row] | None:
     methods, shapes = validate(cfg)
     if not cfg.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(run_dir / RUN, json.dumps({"config_hash": R.config_hash(cfg),
+        write_atomic(run_dir / RUN, json.dumps({"config_hash": R.config_hash(cfg),
                                                   "versions": R.package_versions()}, indent=1) + "\n")
-        _write_atomic(run_dir / CONFIG, OmegaConf.to_yaml(cfg))  # last: it marks the folder a comparison's
+        write_atomic(run_dir / CONFIG, OmegaConf.to_yaml(cfg))  # last: it marks the folder a comparison's
     log.info("comparison in %s (after a stop: eep-compare resume=%s)", run_dir, run_dir)
     if cfg.evaluator.threads:  # as eep-search sets it, so that every row is computed with the same threads
         import torch
@@ -290,19 +281,9 @@ def _flat(nested):
         yield from (_flat(item) if isinstance(item, (list, tuple)) else [item])
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``path`` whole or not at all (a temporary file, fsync, rename): a kill mid-write leaves the old one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data.encode() if isinstance(data, str) else data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_rows(path: Path, rows) -> None:
     """``compare.jsonl``: every finished row, one JSON object a line, rewritten atomically."""
-    _write_atomic(path, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    write_atomic(path, "".join(json.dumps(asdict(r)) + "\n" for r in rows))
 
 
 def load_rows(path: Path) -> list[Row]:
@@ -320,15 +301,15 @@ def write_outputs(cfg: DictConfig, run_dir: Path, rows: list[Row]) -> None:
     head = (f"# eep-compare: {', '.join(names)} on {cfg.model.path or cfg.model.name}\n\n"
             f"Test split, {cfg.evaluator.test_limit or 'all'} documents; calibration: {cfg.compare.calibration}; "
             f"seed {cfg.seed}.\n\n")
-    _write_atomic(run_dir / MD, head + table + "\n")
+    write_atomic(run_dir / MD, head + table + "\n")
     png = io.BytesIO()
     plot(rows, png)
-    _write_atomic(run_dir / PNG, png.getvalue())
+    write_atomic(run_dir / PNG, png.getvalue())
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
-    _write_atomic(run_dir / CSV, text.getvalue())
+    write_atomic(run_dir / CSV, text.getvalue())
     print(table)
 
 

@@ -104,6 +104,16 @@ def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch
     assert json.loads((killed / "best.json").read_text()) == json.loads((full / "best.json").read_text())
 
 
+def test_the_run_hash_ignores_only_where_it_runs_and_how_much_it_prints():
+    from eep.search.run import config_hash
+
+    base = config_hash(config(TINY))
+    same = [["verbose=true"], ["evaluator.workers=2"], ["search.max_failed_candidates=9"], ["resume_force=true"]]
+    assert all(config_hash(config([*TINY, *extra])) == base for extra in same)
+    changed = [["seed=5"], ["search.num_experts=4"], ["evaluator.limit=7"], ["task=skills_add"]]
+    assert len({base, *(config_hash(config([*TINY, *extra])) for extra in changed)}) == 1 + len(changed)
+
+
 PAPER_TASKS = ["sglue_rte", "wic", "wsc", "boolq", "cb", "record", "drop", "squad_completion", "squadv2", "copa",
                "multirc"]
 PAPER_SHAPES = {"mistralai/Mixtral-8x7B-Instruct-v0.1": (32, 8, 2), "Qwen/Qwen1.5-MoE-A2.7B": (24, 60, 4)}

@@ -38,17 +38,9 @@ def _effective_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     """On resume, the run's own saved config with any other overrides applied (checked against the checkpoint)."""
     if not cfg.resume:
         return cfg
-    saved = OmegaConf.load(run_dir / R.CONFIG)
     from hydra.core.hydra_config import HydraConfig
 
-    extra = [o for o in HydraConfig.get().overrides.task if o.split("=")[0] not in ("resume", "resume_force")]
-    keys = [o.split("=")[0].lstrip("+~") for o in extra]
-    if all("." in k or (k in saved and not OmegaConf.is_dict(saved[k])) for k in keys):
-        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra)) if extra else saved
-    else:  # config-group selections (model=..., +experiment=...): the freshly composed config stands for them
-        merged = OmegaConf.create(OmegaConf.to_container(cfg))
-    merged.resume, merged.resume_force = cfg.resume, cfg.resume_force
-    return merged
+    return R.resumed_config(cfg, OmegaConf.load(run_dir / R.CONFIG), list(HydraConfig.get().overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path=str(eep.conf_dir()), config_name="eep_search")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from eep.files import write_atomic
 from eep.genome import Genome
 from eep.search.proposers import Archive
 
@@ -101,7 +102,7 @@ def plot_curve(rows: list[dict], path: Path) -> None:
 
 
 def write_report(run_dir: Path, report: dict) -> None:
-    (run_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=1, default=str) + "\n")
     t = report["test"]
     lines = [f"# eep-search report: {report['task']}", "",
              f"Model `{report['model']}`, {report['experts']['before']} -> {report['experts']['after']} experts per "
@@ -119,7 +120,7 @@ def write_report(run_dir: Path, report: dict) -> None:
              f"{report['generation']['full']['weight_bytes'] / 2**20:.1f} -> "
              f"{report['generation']['exported']['weight_bytes'] / 2**20:.1f} MiB",
              f"- best genome: `{report['best_hash']}` (exact export: {report['export']['exact']})"]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def first_metric(score, task: str) -> float:

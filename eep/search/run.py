@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from eep.files import write_atomic
 from eep.genome import Genome
 from eep.search.state import Phase, SearchState, load_checkpoint, run_plan, save_checkpoint
 from eep.search.strategy import EEPSettings
@@ -29,14 +30,16 @@ VERSIONED = ("eep", "torch", "transformers", "lm_eval", "nevergrad", "hydra-core
 
 NOT_HASHED = ("workers", "ray_address")  # evaluator keys that do not change which genomes a run evaluates
 NOT_HASHED_SEARCH = ("max_failed_candidates",)  # nor does when a failing run stops (it may be raised on resume)
+NOT_HASHED_TOP = ("resume", "resume_force", "verbose")  # nor where it resumes from, nor how much it prints
+RESUME_KEYS = ("resume", "resume_force")
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of the run-defining config (``resume``, ``resume_force``, ``evaluator.workers`` and
-    ``evaluator.ray_address`` excluded: a run may be resumed on another pool; its ``ask_batch`` is in its state;
+    """Hash of the run-defining config (``resume``, ``resume_force``, ``verbose``, ``evaluator.workers`` and
+    ``evaluator.ray_address`` excluded: a run may be resumed on another pool, its ``ask_batch`` is in its state;
     ``search.max_failed_candidates`` too)."""
     data = OmegaConf.to_container(cfg, resolve=True)
-    data = {k: v for k, v in data.items() if k not in ("resume", "resume_force")}
+    data = {k: v for k, v in data.items() if k not in NOT_HASHED_TOP}
     if isinstance(data.get("evaluator"), dict):
         data["evaluator"] = {k: v for k, v in data["evaluator"].items() if k not in NOT_HASHED}
     if isinstance(data.get("search"), dict):
@@ -61,6 +64,20 @@ def new_state(cfg: DictConfig, template: Genome, expert_groups: int) -> SearchSt
     return SearchState(plan=plan, template=template, seed=cfg.seed, settings=settings, expert_groups=expert_groups,
                        ask_batch=check_parallel(cfg)[0],
                        extra={"config_hash": config_hash(cfg), "versions": package_versions()})
+
+
+def resumed_config(cfg: DictConfig, saved: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config a resumed run goes on with: its ``saved`` config with the command line's ``overrides`` (other
+    than the resume keys) applied; with a config-group selection among them (``model=...``, ``+experiment=...``)
+    the freshly composed ``cfg`` stands. The caller checks the result against the run's hash."""
+    extra = [o for o in overrides if o.split("=")[0] not in RESUME_KEYS]
+    keys = [o.split("=")[0].lstrip("+~") for o in extra]
+    if all("." in k or (k in saved and not OmegaConf.is_dict(saved[k])) for k in keys):
+        merged = OmegaConf.merge(saved, OmegaConf.from_dotlist(extra)) if extra else saved
+    else:
+        merged = OmegaConf.create(OmegaConf.to_container(cfg))
+    merged.resume, merged.resume_force = cfg.resume, cfg.resume_force
+    return merged
 
 
 def resume_state(run_dir: Path, cfg: DictConfig, force: bool) -> SearchState:
@@ -179,5 +196,5 @@ def search(state: SearchState, pool, run_dir: Path, time_limit: float | None, on
 
 
 def write_best(run_dir: Path, fitness: float, genome: Genome) -> None:
-    (run_dir / "best.json").write_text(json.dumps({"genome_hash": genome.content_hash(), "fitness": fitness,
-                                                   "genome": genome.to_dict()}, indent=1) + "\n")
+    write_atomic(run_dir / "best.json", json.dumps({"genome_hash": genome.content_hash(), "fitness": fitness,
+                                                     "genome": genome.to_dict()}, indent=1) + "\n")
