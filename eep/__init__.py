@@ -18,3 +18,11 @@ def conf_dir() -> Path:
             return candidate
     raise FileNotFoundError(f"eep's config folder is missing (looked in {here / 'conf'} and {here.parent / 'conf'}); "
                             f"reinstall eep")
+
+
+def run_search(cfg, run_dir=None):
+    """Run (or, with ``cfg.resume``, resume) an EEP search of a composed ``eep_search`` config in ``run_dir``; the
+    report as a dict (None if the run was already finished). The same code ``eep-search`` runs."""
+    from eep.search.app import run
+
+    return run(cfg, Path(run_dir) if run_dir is not None else Path("runs") / "python")
