@@ -7,8 +7,8 @@ Target: ``--workers 2`` workers of one thread reach >= 1.6x the throughput of th
 one process with 1 torch thread and with 2), over a long search (>= 200 evaluations), start-up not counted.
 
 Every side scores the same ``--evaluations`` distinct random pruning genomes (half the experts of every layer) with
-replicas built as eep-search builds them (``eep.search.app.Replica``, in Ray workers through
-``eep.search.app.replica_scorer``, from the composed config with ``evaluator.limit=--limit``). Measured, in order:
+replicas built as eep-search builds them (``eep.app.session.Session``, in Ray workers through
+``eep.app.session.replica_scorer``, from the composed config with ``evaluator.limit=--limit``). Measured, in order:
 
 1. serial, 1 torch thread, then serial, 2 torch threads (Ray not started): the wall time over all genomes, after one
    warm-up evaluation; the best serial run is the faster;
@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 import eep
 from eep.genome import Genome
 from eep.parallel import RayPool, connect, local_cores
-from eep.search.app import Replica, replica_scorer
+from eep.app.session import Session, replica_scorer
 from record import load, write
 
 TARGET = 1.6  # parallel throughput / best serial throughput, over >= 200 evaluations
@@ -121,7 +121,7 @@ def main() -> None:
     rec = {"settings": vars(args), "target": f"parallel / best serial >= {TARGET} over >= 200 evaluations",
            "load_at_start": load()}
     torch.set_num_threads(1)
-    replica = Replica(cfg)
+    replica = Session(cfg)
     a = replica.mat.adapter
     candidates = genomes(args.evaluations + 1, len(a.layers), a.num_experts, a.top_k)
     warm, candidates = candidates[:1], candidates[1:]

@@ -21,8 +21,26 @@ def conf_dir() -> Path:
 
 
 def run_search(cfg, run_dir=None):
-    """Run (or, with ``cfg.resume``, resume) an EEP search of a composed ``eep_search`` config in ``run_dir``; the
-    report as a dict (None if the run was already finished). The same code ``eep-search`` runs."""
-    from eep.search.app import run
+    """Run (or, with ``cfg.resume``, resume) an EEP search of a composed ``eep_search`` config in ``run_dir``
+    (default ``runs/python/<date>/<time>``); the report as a dict (None if the run was already finished, {} if it
+    stopped at ``search.time_limit``). The same code ``eep-search`` runs (:func:`eep.app.search.run`)."""
+    from eep.app.search import run
 
-    return run(cfg, Path(run_dir) if run_dir is not None else Path("runs") / "python")
+    return run(cfg, _run_dir(run_dir, "python"))
+
+
+def run_compare(cfg, run_dir=None):
+    """Run (or, with ``cfg.resume``, resume) a comparison of a composed ``eep_compare`` config in ``run_dir``
+    (default ``runs/compare/python/<date>/<time>``); its rows (None if finished before or a search stopped at its
+    time limit). The same code ``eep-compare`` runs (:func:`eep.app.compare.run`)."""
+    from eep.app.compare import run
+
+    return run(cfg, _run_dir(run_dir, "compare/python"))
+
+
+def _run_dir(run_dir, under: str) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    import datetime
+
+    return Path("runs") / under / datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S")

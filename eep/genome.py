@@ -139,10 +139,6 @@ class Genome:
         return tuple(tuple(sorted(k)) if p and len(set(k)) == len(k) else None  # a repeated expert merges
                      for k, p in zip(kept, pruning.tolist()))
 
-    def is_pruning_group(self, g: int) -> bool:
-        """Every row of ``W_EM[g]`` one-hot and ``W_RM[g] == W_EM[g]``."""
-        return self._kept_per_group[g] is not None
-
     @cached_property
     def is_pruning(self) -> bool:
         """Every group is a pruning group."""

@@ -1,6 +1,6 @@
 """Turn a genome into the live model, in place, and back: ``apply(genome)`` / ``restore()``.
 
-One routing rule for every genome (METHODS.md section 1): experts that no row of ``W_RM`` uses are masked out of
+One routing rule for every genome (docs/methods.md section 1.2): experts that no row of ``W_RM`` uses are masked out of
 routing, ``p' = W_RM p`` over the rest, then the family's own top-k' and renormalisation. Two ways to compute it:
 
 - a *pruning* layer (one-hot rows, ``W_RM = W_EM``, kept experts ``K``) runs the family's own router with the
@@ -62,8 +62,9 @@ def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch
 
 
 def _masked_forward(adapter: MoEAdapter, router: nn.Module, state: Materializer, index: int):
-    """A replacement for ``router.forward`` routing over the experts ``state.keep[index]`` at top-``state.keep_top_k``
-    (both read at call time): ``(logits [T, E], weights [T, k'], slots [T, k'])``, dropped logits at ``-inf``."""
+    """A replacement for ``router.forward`` routing over the experts ``state.keeps[device][index]`` (this layer's
+    row of the ``bool[L, E]`` mask on the router's device) at top-``state.keep_top_k`` (both read at call time):
+    ``(logits [T, E], weights [T, k'], slots [T, k'])``, dropped logits at ``-inf``."""
     names, device = adapter.router_buffers, router.weight.device
 
     def forward(hidden_states: torch.Tensor):
@@ -157,17 +158,25 @@ class Materializer:
         self.bank.clear()
 
     @contextmanager
-    def applied(self, genome: Genome):
-        """Context manager: the model computes ``genome`` inside, and what it computed before afterwards."""
-        previous = self.genome
-        self.apply(genome)
+    def preserved(self):
+        """Context manager, the one way eep saves and restores what the model computes: the original model inside
+        (whatever genome and routing patch were applied), and afterwards that genome and patch again."""
+        previous, patches = self.genome, self.route_patches
+        self.restore()
         try:
             yield self.model
         finally:
-            if previous is None:
-                self.restore()
-            else:
+            self.restore()
+            if previous is not None:
                 self.apply(previous)
+                self.patch_routing(patches)
+
+    @contextmanager
+    def applied(self, genome: Genome):
+        """Context manager: the model computes ``genome`` inside, and what it computed before afterwards."""
+        with self.preserved():
+            self.apply(genome)
+            yield self.model
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -2,7 +2,7 @@
 
 ``RayPool(build, workers=N)`` starts N actors (``num_gpus=1`` each where the cluster has GPUs and ``gpus=True``).
 Each calls ``build()`` once, in its own process, to get its scoring function ``genome -> result`` (for eep-search:
-``eep.search.app.replica_scorer``, which loads the model, a ``Materializer`` and the search ``Evaluator`` exactly as
+``eep.app.session.replica_scorer``, which loads the model, a ``Materializer`` and the search ``Evaluator`` exactly as
 a serial run does). ``pool.run(genomes, done)`` sends each genome as its tensors (``W_RM``, ``W_EM: float32[G, E',
 E]``, top-k', layer groups: the worker rebuilds the identical genome) to the next free actor and calls
 ``done(genome, result)`` in the driver as results come back, in completion order; the search loop

@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import compose_config
 
-from eep import compare
-from eep.search.run import UserError
+from eep.app import compare
+from eep.errors import UserError
 
 SMALL = ["model=skills_mixtral", "task=skills_count_mc", "evaluator.limit=20", "evaluator.validation_limit=20",
          "evaluator.test_limit=40", "search.prune_budget=4", "search.merge_budget=0", "search.eep.population=3",
@@ -77,8 +77,8 @@ def test_bad_compare_settings_are_refused_before_the_model_loads(tmp_path, overr
 def test_every_method_is_compared_by_default():
     from eep.methods import METHODS
 
-    assert compare.methods_of(config(SMALL)) == list(compare.ALL_METHODS)
-    assert set(compare.ALL_METHODS) == {*METHODS, "eep"}
+    assert compare.methods_of(config(SMALL)) == list(compare.all_methods())
+    assert set(compare.all_methods()) == {*METHODS, "eep"}
 
 
 def test_a_small_comparison_writes_table_csv_and_plot_with_the_scores_measured_independently(reference, shipped):
@@ -187,12 +187,12 @@ def test_a_search_stopped_at_its_time_limit_stops_the_comparison_resumably(tmp_p
      "it is an eep-search run: resume it with eep-search resume="),
 ])
 def test_a_bad_resume_folder_is_one_line_and_exit_2(tmp_path, capsys, make, message):
-    from eep.cli.compare import _redirect_resume
+    from eep.cli.compare import redirect_resume
 
     folder = tmp_path / "r"
     make(folder)
     with pytest.raises(SystemExit) as stop:
-        _redirect_resume(["task=skills_add", f"resume={folder}"])
+        redirect_resume(["task=skills_add", f"resume={folder}"])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1
     assert err.startswith(f"eep-compare: error: resume={folder} ") and message in err
@@ -201,11 +201,11 @@ def test_a_bad_resume_folder_is_one_line_and_exit_2(tmp_path, capsys, make, mess
 
 
 def test_a_resume_folder_becomes_the_hydra_run_folder(tmp_path):
-    from eep.cli.compare import _redirect_resume
+    from eep.cli.compare import redirect_resume
 
     (tmp_path / "compare_config.yaml").write_text("seed: 0\n")
-    assert _redirect_resume(["resume=" + str(tmp_path)])[-1] == f"hydra.run.dir={tmp_path.resolve()}"
-    assert _redirect_resume(["resume=null", "seed=1"]) == ["resume=null", "seed=1"]
+    assert redirect_resume(["resume=" + str(tmp_path)])[-1] == f"hydra.run.dir={tmp_path.resolve()}"
+    assert redirect_resume(["resume=null", "seed=1"]) == ["resume=null", "seed=1"]
 
 
 def test_a_resume_applies_other_arguments_to_the_saved_config(tmp_path):

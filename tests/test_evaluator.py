@@ -10,7 +10,7 @@ from eep.evaluate.docs import fixed_docs
 from eep.evaluate.evaluator import WORST_FITNESS, Evaluator
 from eep.evaluate.generation import GenerationScorer
 from eep.evaluate.reference import simple_scores
-from eep.evaluate.scoring import LoglikelihoodScorer, _row_sums
+from eep.evaluate.scoring import LoglikelihoodScorer, row_sums
 from eep.evaluate.splits import SplitRef, plan_splits
 from eep.genome import Genome
 from eep.materialize import Materializer
@@ -110,7 +110,7 @@ def test_row_sums_equal_lone_row_sums():
     torch.manual_seed(0)
     for length in range(1, 200):
         values = torch.randn(50, length) * 3 - 5
-        assert torch.equal(_row_sums(values), torch.stack([values[i:i + 1].clone().sum() for i in range(50)]))
+        assert torch.equal(row_sums(values), torch.stack([values[i:i + 1].clone().sum() for i in range(50)]))
 
 
 def test_weighted_fitness_and_group_metrics(shipped):

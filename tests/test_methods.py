@@ -9,7 +9,8 @@ import eep.zoo
 from conftest import build_tiny
 from eep.genome import Genome
 from eep.materialize import Materializer
-from eep.methods import METHODS, MethodError, applied, calibration_batch, compute, export_result, register
+from eep.methods import (METHOD_INFO, METHODS, MethodError, applied, calibration_batch, compute, export_result,
+                         method_names, register)
 from eep.methods.merging import align_permutation, alignment_rewrite, permute_expert
 from eep.methods.result import ExpertRewrite
 from eep.methods.skipping import skip_weights
@@ -56,12 +57,30 @@ def preferring_model(preferred=PREFERRED):
 def test_registry_names_duplicates_and_unknown_names():
     assert sorted(METHODS) == sorted(PRUNING + MERGING)
     with pytest.raises(ValueError, match="already registered"):
-        register("random")(lambda *a, **k: None)
+        register("random", kind="baseline", seedable=True)(lambda *a, **k: None)
+    with pytest.raises(ValueError, match="kind 'pruning' is not one of baseline, statistic"):
+        register("magnitude", kind="pruning", seedable=True)
     model = build_tiny("mixtral")
     with pytest.raises(MethodError, match="valid methods: enumeration, enumeration_progressive, frequency"):
         compute("magnitude", model, None, batch(), num_kept=4, top_k=2)
     with pytest.raises(MethodError, match="top_k=5"):
         compute("random", model, None, None, num_kept=4, top_k=5)
+
+
+def test_the_registry_metadata_is_what_the_apps_list():
+    """eep-compare's default list and search.init_from's choices come from the registry's metadata: listing order
+    by kind, seedable = a genome over the original weights alone (no rewrite, no routing patch)."""
+    from eep.app.compare import all_methods
+
+    assert all_methods() == [*PRUNING[:6], "skipping", *MERGING, "eep"]
+    assert method_names(seedable=True) == [*PRUNING[:6], "hc_smoe"]
+    assert [n for n in METHODS if not METHOD_INFO[n].needs_calibration] == ["random"]
+    model = build_tiny("mixtral")
+    for name in ("m_smoe", "skipping", "svd_compress", "hc_smoe", "reap"):
+        options = {"rank": 2} if name == "svd_compress" else {}
+        result = compute(name, model, None, batch(), num_kept=4, top_k=2, **options)
+        has_extra = result.rewrite is not None or bool(result.routing)
+        assert METHOD_INFO[name].seedable == (not has_extra), name
 
 
 @pytest.mark.parametrize("name", ["frequency", "soft_activation", "reap", "enumeration", "enumeration_progressive"])

@@ -265,11 +265,11 @@ TINY_SEARCH = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8"
 
 
 def search(folder, *extra: str) -> tuple[dict, list, dict]:
-    """One tiny eep-search run in ``folder`` through ``eep.search.app.run``: its report, its rows (genome hash,
+    """One tiny eep-search run in ``folder`` through ``eep.app.search.run``: its report, its rows (genome hash,
     fitness, metrics, in file order) and best.json."""
     from conftest import compose_config
 
-    from eep.search import app
+    from eep.app import search as app
 
     report = app.run(compose_config("eep_search", [*TINY_SEARCH, *extra]), folder)
     rows = [(r["genome_hash"], r["fitness"], r["metrics"])

@@ -1,4 +1,4 @@
-"""Vectorised per-document metrics (eep/evaluate/scoring.py): every value equals lm-eval's own ``process_results``,
+"""Vectorised per-document metrics (eep/evaluate/metrics.py): every value equals lm-eval's own ``process_results``,
 and its aggregation equals lm-eval's, on the shipped tasks and on lm-eval task set-ups the shipped ones do not use;
 a metric not covered goes through lm-eval's own code."""
 import json
@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import eep.zoo
 from eep.evaluate.evaluator import Evaluator
 from eep.evaluate.reference import flat_metrics, simple_scores
-from eep.evaluate.scoring import (ChoiceMetrics, GenerationMetrics, LoglikelihoodResults, exact_match_scores,
-                                  task_metrics)
+from eep.evaluate.metrics import ChoiceMetrics, GenerationMetrics, exact_match_scores, task_metrics
+from eep.evaluate.scoring import LoglikelihoodResults
 from eep.genome import Genome
 from eep.materialize import Materializer
 

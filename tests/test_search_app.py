@@ -8,8 +8,8 @@ import pytest
 from conftest import compose_config
 
 import eep
-from eep.search import app
-from eep.search.run import UserError
+from eep.app import search as app
+from eep.errors import UserError
 
 TINY = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "search.prune_budget=5",
         "search.merge_budget=2", "search.eep.population=3", "evaluator.limit=20", "evaluator.validation_limit=20",
@@ -105,7 +105,7 @@ def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch
 
 
 def test_the_run_hash_ignores_only_where_it_runs_and_how_much_it_prints():
-    from eep.search.run import config_hash
+    from eep.app.runfolder import config_hash
 
     base = config_hash(config(TINY))
     same = [["verbose=true"], ["evaluator.workers=2"], ["search.max_failed_candidates=9"], ["resume_force=true"]]
@@ -123,14 +123,14 @@ PAPER_SHAPES = {"mistralai/Mixtral-8x7B-Instruct-v0.1": (32, 8, 2), "Qwen/Qwen1.
 def test_paper_presets_compose_and_validate_offline(experiment):
     """The model itself needs the hub: its published shape (layers, experts, top-k) stands in for its config."""
     from eep.evaluate.reference import manager_for
-    from eep.search.run import check_settings
+    from eep.settings import check_optimizers, check_settings
 
     manager_for(PAPER_TASKS)  # every paper task is a task of lm-eval itself
     for task in PAPER_TASKS:
         cfg = config([f"+experiment={experiment}", f"task={task}"])
         assert cfg.task.names == [task] and cfg.model.device == "cuda"
         assert cfg.search.prune_budget == 100 and cfg.search.merge_budget == 300
-        app._check_optimizers(cfg)
+        check_optimizers(cfg)
     kept, top_k, groups = check_settings(cfg, *PAPER_SHAPES[cfg.model.path])
     assert kept == cfg.search.num_experts and len(groups) == PAPER_SHAPES[cfg.model.path][0]
 

@@ -1,4 +1,6 @@
 """Exact resume: a search killed mid-candidate and resumed from its checkpoint asks the same genomes."""
+import pickle
+
 import pytest
 import torch
 
@@ -95,3 +97,38 @@ def test_a_zero_budget_skips_the_phase():
     state.archive.add(state.template, fitness(state.template), "prune")
     run_plan(state, fitness)
     assert state.archive.count("merge") == 5 and state.finished
+
+
+def test_a_checkpoint_of_eep_0_1_0_resumes_through_the_old_class_paths(tmp_path):
+    """eep 0.1.0 pickled its archive as ``eep.search.proposers.Archive`` and in-flight results as
+    ``eep.search.run.Evaluation``; both paths still load, into today's classes, and the run goes on exactly."""
+    from eep.evaluate.score import Score
+    from eep.search.archive import Archive
+
+    order = []
+    full = run_plan(new_state("eep", "eep"), lambda g: order.append(g.content_hash()) or fitness(g))
+    seen, path = [], tmp_path / "state.pkl"
+
+    def dying(genome):
+        if len(seen) == 12:
+            raise Killed
+        seen.append(genome.content_hash())
+        return Score(fitness(genome))
+
+    moved = {Archive: ("eep.search.proposers", "Archive"), Score: ("eep.search.run", "Evaluation")}
+    saved = {cls: (cls.__module__, cls.__qualname__) for cls in moved}
+    try:  # checkpoints written as eep 0.1.0 wrote them: its module paths
+        for cls, (module, name) in moved.items():
+            cls.__module__, cls.__qualname__ = module, name
+        with pytest.raises(Killed):
+            run_plan(new_state("eep", "eep"), dying, checkpoint=lambda s: save_checkpoint(s, path))
+        raw, result = path.read_bytes(), pickle.dumps(Score(0.5, {"t": {"acc": 0.5}}, "x", 1.0))
+    finally:
+        for cls, (module, name) in saved.items():
+            cls.__module__, cls.__qualname__ = module, name
+    assert b"eep.search.proposers" in raw and b"Archive" in raw and b"eep.search.archive" not in raw
+    assert b"Evaluation" in result and pickle.loads(result) == Score(0.5, {"t": {"acc": 0.5}}, "x", 1.0)
+    state = load_checkpoint(path)
+    assert type(state.archive) is Archive
+    resumed = run_plan(state, lambda g: seen.append(g.content_hash()) or fitness(g))
+    assert seen == order and resumed.archive.best()[1].content_hash() == full.archive.best()[1].content_hash()

@@ -9,7 +9,7 @@ from eep.search.strategy import (EEPSettings, crossover, mutate_matrices, mutate
 
 
 def test_about_sixty_percent_of_pruning_children_equal_their_parent():
-    """4 layer groups, E' = 4: P(unchanged) = (1 - 0.25 * (1 - 0.85 ** 4)) ** 4 = 0.60 (METHODS.md section 1)."""
+    """4 layer groups, E' = 4: P(unchanged) = (1 - 0.25 * (1 - 0.85 ** 4)) ** 4 = 0.60 (docs/methods.md section 3)."""
     rng, settings = random.Random(0), EEPSettings()
     parent = random_subsets(4, 8, 4, rng)
     same = sum(mutate_subsets(parent, 8, settings, rng) == parent for _ in range(4000)) / 4000
@@ -53,3 +53,15 @@ def test_parents_are_the_near_best():
     archive = [(0.50, gs[0]), (0.80, gs[1]), (0.78, gs[2]), (0.70, gs[3]), (0.79, gs[4])]
     assert parents(archive, 0.03) == [gs[1], gs[4], gs[2]]
     assert parents(archive, 0.01, minimum=4) == [gs[1], gs[4], gs[2], gs[3]]
+
+
+def test_the_shipped_config_holds_the_strategys_own_defaults():
+    """One source for defaults: conf/search/default.yaml's ``eep:`` block is EEPSettings' defaults, key for key."""
+    from dataclasses import asdict
+
+    from omegaconf import OmegaConf
+
+    import eep
+
+    shipped = OmegaConf.to_container(OmegaConf.load(eep.conf_dir() / "search" / "default.yaml"))["eep"]
+    assert shipped == asdict(EEPSettings())

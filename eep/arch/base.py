@@ -71,6 +71,12 @@ class MoEAdapter:
         """``k``, read from the config once."""
         return int(getattr(self.config, self.top_k_key))
 
+    @cached_property
+    def expert_groups(self) -> int:
+        """Contiguous expert groups the router chooses among before the experts (1: none); a pruned layer keeps
+        the same number of experts in each (DeepSeek-V3's ``n_group``)."""
+        return 1
+
     def renormalizes(self) -> bool:
         return self.always_renormalize or bool(getattr(self.config, "norm_topk_prob", False))
 

@@ -1,6 +1,8 @@
 """The supported MoE families of transformers 5: declarations, and overrides where routing really differs."""
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
@@ -73,6 +75,10 @@ class DeepseekV3Adapter(MoEAdapter):
     supports_merging = False
     router_buffers = ("e_score_correction_bias",)
 
+    @cached_property
+    def expert_groups(self) -> int:
+        return int(getattr(self.config, "n_group", 1) or 1)
+
     def logits(self, router, hidden, weight):
         return F.linear(hidden.reshape(-1, weight.shape[1]).float(), weight.float())
 
@@ -98,7 +104,7 @@ class DeepseekV3Adapter(MoEAdapter):
 
     def validate(self, genome: Genome) -> None:
         super().validate(genome)
-        n_group = int(self.config.n_group)
+        n_group = self.expert_groups
         per_group = self.num_experts // n_group
         kept_per_group = genome.num_kept // n_group
         for layer in range(genome.num_layers):

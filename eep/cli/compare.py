@@ -15,10 +15,11 @@ from eep.logs import quiet_third_party, verbose_requested
 PROG = "eep-compare"
 
 
-def _redirect_resume(argv: list[str]) -> list[str]:
+def redirect_resume(argv: list[str]) -> list[str]:
     """Unknown keys and config-group options refused first (before Hydra composes: one line, exit 2);
     ``resume=<folder>``: make Hydra's run folder that folder (checked first: a bad one is one line, exit 2)."""
-    from eep.settings import UserError, check_overrides
+    from eep.errors import UserError
+    from eep.settings import check_overrides
 
     try:
         check_overrides(argv, compare=True)
@@ -27,7 +28,7 @@ def _redirect_resume(argv: list[str]) -> list[str]:
     values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
     if not values or values[-1] in ("", "null"):
         return argv
-    from eep.compare import resume_folder
+    from eep.app.compare import resume_folder
 
     try:
         folder = resume_folder(values[-1]).resolve()
@@ -45,16 +46,16 @@ def app(cfg: DictConfig) -> None:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         with user_errors(PROG):
-            from eep.compare import resumed_config, run
+            from eep.app.compare import run
 
-            run(resumed_config(cfg, list(hydra_cfg.overrides.task)), run_dir)
+            run(cfg, run_dir, list(hydra_cfg.overrides.task))
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; the finished rows are kept: resume with resume={run_dir}", file=sys.stderr)
         sys.exit(130)
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *_redirect_resume(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *redirect_resume(sys.argv[1:])]
     app()
 
 

@@ -27,30 +27,23 @@ def find_genome(run_dir: Path, genome_hash: str | None):
 
 
 def export_run(run_dir: Path, genome_hash: str | None, out: Path | None) -> Path:
+    """Export a genome of ``run_dir`` with the run's own config: the model loaded as the search loaded it, merged
+    gates refit on the same calibration as eep-search's own export (``Session.gate_calibration``)."""
     from omegaconf import OmegaConf
 
-    from eep.evaluate.evaluator import Evaluator
+    from eep.app.runfolder import CONFIG
+    from eep.app.session import Session
     from eep.export import export
-    from eep.materialize import Materializer
-    from eep.models import ModelConfig, load_model
-    from eep.search.app import task_names
-    from eep.search.final import calibration_tokens
-    from eep.search.run import CONFIG
 
     if not (run_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{run_dir} is not an eep-search run folder (no {CONFIG})")
-    cfg = OmegaConf.load(run_dir / CONFIG)
     genome = find_genome(run_dir, genome_hash)
     out = out or run_dir / f"export-{genome.content_hash()}"
-    model, tok = load_model(ModelConfig(**OmegaConf.to_container(cfg.model)))
-    mat = Materializer(model)
-    calibration = None
-    if not genome.is_pruning:
-        names, paths = task_names(cfg)
-        ev = Evaluator(model, tok, names, role="validation", limit=64, include_paths=paths)
-        calibration = calibration_tokens(ev, tok)
-    result = export(model, genome, out, tok, materializer=mat, calibration=calibration,
-                    provenance={"base_model": model.config._name_or_path, "method": "eep", "run": str(run_dir)})
+    session = Session(OmegaConf.load(run_dir / CONFIG), search=False)
+    calibration = None if genome.is_pruning else session.gate_calibration()
+    result = export(session.model, genome, out, session.tok, materializer=session.mat, calibration=calibration,
+                    provenance={"base_model": session.model.config._name_or_path, "method": "eep",
+                                "run": str(run_dir)})
     print(f"exported genome {result.genome_hash} ({'exact' if result.exact else 'gates refit'}) to {out}")
     return out
 

@@ -5,42 +5,31 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import eep
 from eep.cli.common import fail, user_errors
+from eep.errors import UserError
 from eep.logs import quiet_third_party, verbose_requested
 from eep.parallel import WorkerLost
-from eep.search import run as R
-from eep.settings import UserError, check_overrides
+from eep.settings import check_overrides
 
 PROG = "eep-search"
 
 
-def _redirect_resume(argv: list[str]) -> list[str]:
+def redirect_resume(argv: list[str]) -> list[str]:
     """Unknown keys and config-group options refused first (before Hydra composes: one line, exit 2);
     ``resume=<folder>``: make Hydra's run folder that folder, so the run goes on where it was."""
+    from eep.app.runfolder import search_folder
+
     try:
         check_overrides(argv)
+        values = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+        if not values or values[-1] in ("", "null"):
+            return argv
+        return [*argv, f"hydra.run.dir={search_folder(values[-1])}"]
     except UserError as err:
         sys.exit(fail(PROG, err))
-    for arg in argv:
-        if arg.startswith("resume=") and arg.split("=", 1)[1] not in ("", "null"):
-            folder = Path(arg.split("=", 1)[1]).resolve()
-            if not (folder / R.CONFIG).is_file():
-                sys.exit(fail(PROG, UserError(f"resume={folder} is not an eep-search run folder (no {R.CONFIG}); "
-                                              f"give the folder a run printed when it started")))
-            return [*argv, f"hydra.run.dir={folder}"]
-    return argv
-
-
-def _effective_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """On resume, the run's own saved config with any other overrides applied (checked against the checkpoint)."""
-    if not cfg.resume:
-        return cfg
-    from hydra.core.hydra_config import HydraConfig
-
-    return R.resumed_config(cfg, OmegaConf.load(run_dir / R.CONFIG), list(HydraConfig.get().overrides.task))
 
 
 @hydra.main(version_base="1.3", config_path=str(eep.conf_dir()), config_name="eep_search")
@@ -51,16 +40,16 @@ def app(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         with user_errors(PROG):
-            from eep.search.app import run
+            from eep.app.search import run
 
-            run(_effective_config(cfg, run_dir), run_dir)
+            run(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except WorkerLost as err:  # a candidate that keeps killing its Ray worker: the run stays resumable
         print(f"{PROG}: error: {err}; resume with resume={run_dir}", file=sys.stderr)
         sys.exit(1)
 
 
 def main() -> None:
-    sys.argv = [sys.argv[0], *_redirect_resume(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *redirect_resume(sys.argv[1:])]
     app()
 
 

@@ -13,30 +13,18 @@ import logging
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 
 from eep.evaluate.docs import fixed_docs
 from eep.evaluate.generation import GenerationScorer
 from eep.evaluate.reference import flat_metrics, manager_for
+from eep.evaluate.score import WORST_FITNESS, Score  # noqa: F401 - Score re-exported
 from eep.evaluate.scoring import LoglikelihoodScorer
 from eep.evaluate.splits import ROLES, SplitRef, plan_splits
 from eep.logs import quiet_harness
 
 log = logging.getLogger(__name__)
-WORST_FITNESS = -1.0
-
-
-@dataclass
-class Score:
-    """One evaluation: ``fitness`` (weighted sum, higher is better), ``metrics[task][metric]`` in lm-eval's 0-1
-    units (groups included), and ``error`` with the reason when the candidate failed (fitness is then the worst)."""
-
-    fitness: float
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    error: str | None = None
-    seconds: float = 0.0
 
 
 class _FiniteCheck:
@@ -165,7 +153,8 @@ class Evaluator:
     def _run(self) -> dict[str, dict[str, float]]:
         from lm_eval.evaluator_utils import _process_results
 
-        from eep.evaluate.scoring import LoglikelihoodResults, task_metrics
+        from eep.evaluate.metrics import task_metrics
+        from eep.evaluate.scoring import LoglikelihoodResults
 
         quiet = not self.progress
         vectorised = self.__dict__.get("_vectorised")
@@ -197,7 +186,7 @@ class Evaluator:
 
     def _collect(self, name: str, task, raw: dict, vectorised=None, ll=None) -> None:
         """Per-document metrics, as ``lm_eval.evaluator.evaluate`` computes them: vectorised
-        (``eep.evaluate.scoring.task_metrics``, the same values) where that covers the task, else lm-eval's own
+        (``eep.evaluate.metrics.task_metrics``, the same values) where that covers the task, else lm-eval's own
         ``process_results`` per document."""
         if vectorised is not None and vectorised.collect(raw, ll):
             return
@@ -207,6 +196,11 @@ class Evaluator:
                 values = task.process_results(doc, [i.filtered_resps[filter_key] for i in insts])
                 for metric, value in values.items():
                     raw[(metric, filter_key)].append(value)
+
+    def generation_scorer(self):
+        """The prepared generation batches (a :class:`~eep.evaluate.generation.GenerationScorer`), or None where
+        HFLM's own ``generate_until`` runs."""
+        return self._generation
 
     def describe(self) -> dict:
         """The split plan per task (for reports): role -> split, number of docs, partition or not."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from eep.evaluate.calibration import calibration_tokens, encode
 from eep.tasks.generate import read_split
 from eep.tasks.skills import SKILLS
 
@@ -24,16 +25,10 @@ def calibration_batch(model, tokenizer, source=MIXED, *, n: int = 64) -> dict:
 
     ``source``: ``"skills_all"`` (task-agnostic: the mixed-skills corpus, :func:`mixed_skills_texts`), a task name
     (task-specific: its search split with answers, through an :class:`~eep.evaluate.evaluator.Evaluator` and
-    :func:`eep.search.final.calibration_tokens`), or an Evaluator already built (its role's documents).
+    :func:`eep.evaluate.calibration.calibration_tokens`), or an Evaluator already built (its role's documents).
     """
-    from eep.search.final import calibration_tokens
-
     if source == MIXED:
-        side, tokenizer.padding_side = tokenizer.padding_side, "right"
-        enc = tokenizer(mixed_skills_texts(n), return_tensors="pt", padding=True)
-        tokenizer.padding_side = side
-        device = next(model.parameters()).device
-        return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
+        return encode(tokenizer, mixed_skills_texts(n), next(model.parameters()).device)
     evaluator = source
     if isinstance(source, str):
         from eep.evaluate.evaluator import Evaluator

@@ -122,7 +122,8 @@ def _enumerate(name: str, materializer: Materializer, calibration: dict, num_kep
                                             "semantics": "pruning: eep's rule = the physically pruned model"})
 
 
-@register("enumeration")
+@register("enumeration", kind="enumeration", seedable=True,
+          summary="per layer, the subset whose layer output is closest to the original's")
 def enumeration(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0,
                 max_subsets: int = 10000, fallback: str = "greedy", chunk_tokens: int = 1024) -> MethodResult:
     """Layer-wise enumeration on the original model's calibration inputs (module docstring)."""
@@ -130,7 +131,8 @@ def enumeration(materializer: Materializer, calibration: dict, *, num_kept: int,
                       chunk_tokens)
 
 
-@register("enumeration_progressive")
+@register("enumeration_progressive", kind="enumeration", seedable=True,
+          summary="enumeration layer by layer through the already pruned layers")
 def enumeration_progressive(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int,
                             seed: int = 0, max_subsets: int = 10000, fallback: str = "greedy",
                             chunk_tokens: int = 1024) -> MethodResult:

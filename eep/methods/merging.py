@@ -2,7 +2,7 @@
 
 Both express the grouping as a genome: per layer ``W_RM: float[E', E]`` with ones at a group's members and
 ``W_EM: float[E', E]`` with the members' frequency weights ``f_i / sum_members f`` (uniform if no member was routed),
-so merged expert ``g`` is ``sum_i W_EM[g, i] W_i``. Routing semantics that runs (eep's, METHODS.md sections 1 and 3):
+so merged expert ``g`` is ``sum_i W_EM[g, i] W_i``. Routing semantics that runs (eep's, docs/methods.md sections 1.2 and 5.8):
 ``p'_g = sum of the members' p_i``, then the family's top-``k'`` over the ``E'`` groups and renormalisation; the
 original M-SMoE keeps the router and runs top-``k`` over the ``E`` experts (two members of a group can both be picked
 and their weights add). Merging is refused on routers that define none (DeepSeek-V3).
@@ -111,7 +111,8 @@ def _merge_result(name: str, materializer: Materializer, stats: list[LayerStats]
                               "frequency": [s.frequency().tolist() for s in stats], **info})
 
 
-@register("m_smoe")
+@register("m_smoe", kind="merging", seedable=False,
+          summary="M-SMoE: dominant experts, router-logit grouping, alignment, frequency-weighted merge")
 def m_smoe(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0,
            align: bool = True) -> MethodResult:
     """M-SMoE: dominants by frequency, grouping by router-logit similarity, permutation alignment of members onto
@@ -122,7 +123,8 @@ def m_smoe(materializer: Materializer, calibration: dict, *, num_kept: int, top_
     return _merge_result("m_smoe", materializer, stats, groups, top_k, align)
 
 
-@register("hc_smoe")
+@register("hc_smoe", kind="merging", seedable=True,
+          summary="HC-SMoE: average-linkage clustering of expert outputs, frequency-weighted merge")
 def hc_smoe(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0,
             metric: str = "euclidean", align: bool = False) -> MethodResult:
     """HC-SMoE: features = each expert's mean output over all calibration tokens, average-linkage clustering into

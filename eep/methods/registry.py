@@ -1,10 +1,13 @@
-"""The method registry: ``METHODS`` (name -> callable), ``register`` and the entry point ``compute``."""
+"""The method registry: each method is one registered function with its metadata; ``compute`` runs one.
+
+``METHODS`` maps a name to its function, ``METHOD_INFO`` to its :class:`MethodInfo` (kind, seedable, calibration);
+``eep-compare``'s method list and ``search.init_from``'s choices are read from here (:func:`method_names`)."""
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -14,35 +17,54 @@ from eep.methods.result import MethodResult
 
 log = logging.getLogger(__name__)
 
+KINDS = ("baseline", "statistic", "enumeration", "skipping", "merging", "compression")   # listing order
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """A method's metadata. ``kind``: one of :data:`KINDS`; ``seedable``: its result is a genome over the original
+    weights alone (no weight rewrite, no routing patch), so ``search.init_from`` may start a search from it;
+    ``needs_calibration``: it reads calibration tokens; ``summary``: one line for tables and errors."""
+
+    name: str
+    kind: str
+    seedable: bool
+    needs_calibration: bool = True
+    summary: str = ""
+
+
 # name -> fn(materializer, calibration, *, num_kept, top_k, seed, **options) -> MethodResult
 METHODS: dict[str, Callable[..., MethodResult]] = {}
+METHOD_INFO: dict[str, MethodInfo] = {}
 
 
 class MethodError(ValueError):
     """A method that cannot run with these settings on this model: the message says why and what would work."""
 
 
-def register(name: str) -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
-    """Decorator adding a method to :data:`METHODS` under ``name``; a name registered twice raises ValueError."""
+def register(name: str, *, kind: str, seedable: bool, needs_calibration: bool = True,
+             summary: str = "") -> Callable[[Callable[..., MethodResult]], Callable[..., MethodResult]]:
+    """Decorator adding a method to :data:`METHODS` and its :class:`MethodInfo` to :data:`METHOD_INFO`; a name
+    registered twice, or an unknown ``kind``, raises ValueError."""
+    if kind not in KINDS:
+        raise ValueError(f"method {name!r}: kind {kind!r} is not one of {', '.join(KINDS)}")
+
     def add(fn: Callable[..., MethodResult]) -> Callable[..., MethodResult]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is already registered (by {METHODS[name].__module__})")
         METHODS[name] = fn
+        METHOD_INFO[name] = MethodInfo(name, kind, seedable, needs_calibration, summary)
         return fn
     return add
 
 
-@contextmanager
-def _restored(materializer: Materializer):
-    """The original model inside (statistics describe it), whatever genome was applied before, re-applied after."""
-    previous, patches = materializer.genome, materializer.route_patches
-    materializer.restore()
-    try:
-        yield
-    finally:
-        if previous is not None:
-            materializer.apply(previous)
-            materializer.patch_routing(patches)
+def method_names(*, seedable: bool | None = None) -> list[str]:
+    """The registered methods in listing order (by :data:`KINDS`, then registration); ``seedable=True``: only
+    those a search may start from."""
+    import eep.methods  # noqa: F401  (registers every method)
+
+    infos = sorted(METHOD_INFO.values(), key=lambda i: KINDS.index(i.kind))  # stable: registration order within
+    return [i.name for i in infos if seedable is None or i.seedable == seedable]
 
 
 def _check_counts(materializer: Materializer, num_kept: int, top_k: int) -> None:
@@ -69,10 +91,10 @@ def compute(name: str, model: nn.Module, materializer: Materializer | None = Non
     if materializer.model is not model:
         raise MethodError("the materialiser was built on another model than the one given")
     _check_counts(materializer, num_kept, top_k)
-    if calibration is None and name != "random":
+    if calibration is None and METHOD_INFO[name].needs_calibration:
         raise MethodError(f"method {name!r} needs calibration tokens: eep.methods.calibration.calibration_batch(...)")
     start = time.perf_counter()
-    with torch.no_grad(), _restored(materializer):
+    with torch.no_grad(), materializer.preserved():
         result = METHODS[name](materializer, calibration, num_kept=num_kept, top_k=top_k, seed=seed, **options)
     materializer.adapter.validate(result.genome)
     result.info.update(num_kept=num_kept, top_k=top_k, seed=seed, options=options,

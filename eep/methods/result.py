@@ -70,21 +70,17 @@ class MethodResult:
 def applied(materializer: Materializer, result: MethodResult):
     """The model computes ``result`` inside (rewrite, genome, routing patch); afterwards it is bit-exactly what it
     was before (the previously applied genome and routing patch, if any, are applied again)."""
-    previous, patches = materializer.genome, materializer.route_patches
-    materializer.restore()
-    if result.rewrite is not None:
-        result.rewrite.apply(materializer)
-    try:
-        materializer.apply(result.genome)
-        materializer.patch_routing(result.routing)
-        yield materializer.model
-    finally:
-        materializer.restore()
+    with materializer.preserved():
         if result.rewrite is not None:
-            result.rewrite.undo(materializer)
-        if previous is not None:
-            materializer.apply(previous)
-            materializer.patch_routing(patches)
+            result.rewrite.apply(materializer)
+        try:
+            materializer.apply(result.genome)
+            materializer.patch_routing(result.routing)
+            yield materializer.model
+        finally:
+            materializer.restore()
+            if result.rewrite is not None:
+                result.rewrite.undo(materializer)
 
 
 def export_result(materializer: Materializer, result: MethodResult, folder: str | Path, tokenizer=None, *,

@@ -16,10 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def expert_blocks(materializer: Materializer, layer: MoELayer) -> list[torch.Tensor]:
-    """Contiguous expert groups a grouped router (DeepSeek-V3, ``router.num_group``) routes over; else one block."""
-    num_experts = materializer.adapter.num_experts
-    n_group = int(getattr(layer.router, "num_group", 1) or 1)
-    return list(torch.arange(num_experts).chunk(n_group))
+    """The contiguous expert groups the router routes over (``adapter.expert_groups``; one block for most)."""
+    adapter = materializer.adapter
+    return list(torch.arange(adapter.num_experts).chunk(adapter.expert_groups))
 
 
 def per_block(materializer: Materializer, layer: MoELayer, num_kept: int) -> list[tuple[torch.Tensor, int]]:
@@ -57,7 +56,8 @@ def pruning_result(method: str, materializer: Materializer, scores: torch.Tensor
                                               "semantics": "pruning: eep's rule = the physically pruned model", **info})
 
 
-@register("random")
+@register("random", kind="baseline", seedable=True, needs_calibration=False,
+          summary="a uniformly random subset per layer")
 def random_subsets(materializer: Materializer, calibration: dict | None, *, num_kept: int, top_k: int, seed: int = 0):
     """A uniformly random subset per layer (per expert group where the router has groups), seeded by ``seed``."""
     gen = torch.Generator().manual_seed(seed)
@@ -72,13 +72,15 @@ def _scored(name: str, materializer: Materializer, calibration: dict, num_kept: 
     return pruning_result(name, materializer, scores, num_kept, top_k)
 
 
-@register("frequency")
+@register("frequency", kind="statistic", seedable=True,
+          summary="the experts chosen most often in top-k on calibration tokens")
 def frequency(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0):
     """Keep the experts chosen most often in the original top-k on the calibration tokens."""
     return _scored("frequency", materializer, calibration, num_kept, top_k, lambda layer, s: s.frequency())
 
 
-@register("soft_activation")
+@register("soft_activation", kind="statistic", seedable=True,
+          summary="the experts with the largest summed routing probability")
 def soft_activation(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0):
     """Keep the experts with the largest summed routing probability ``sum_t p_t[e]`` (family rule at k = E)."""
     return _scored("soft_activation", materializer, calibration, num_kept, top_k,
@@ -97,7 +99,8 @@ def reap_saliency(layer: MoELayer, stats: LayerStats, num_experts: int) -> torch
     return out
 
 
-@register("reap")
+@register("reap", kind="statistic", seedable=True,
+          summary="the most salient experts: mean over routed tokens of g_j(x) * ||f_j(x)||")
 def reap(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0):
     """Keep the experts of highest REAP saliency (router-weighted expert activation norm, Cerebras 2025)."""
     num_experts = materializer.adapter.num_experts

@@ -50,7 +50,8 @@ def skipping_patch(betas: list[list[float]]) -> dict[int, RoutingPatch]:
     return {i: functools.partial(skip_weights, betas=torch.tensor(b, dtype=torch.float32)) for i, b in enumerate(betas)}
 
 
-@register("skipping")
+@register("skipping", kind="skipping", seedable=False,
+          summary="dynamic skipping of later experts (w_i < beta * w_1); a routing patch")
 def skipping(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0,
              prune: str = "enumeration", prune_options: dict | None = None, beta_scale: float = 1.0) -> MethodResult:
     """Per-layer betas measured on the model that will run: all experts kept (identity genome) when ``E' = E``, else

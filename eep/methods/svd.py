@@ -51,7 +51,8 @@ def aligned_experts(materializer: Materializer, layer, rewrite: ExpertRewrite) -
     return gate_up, down
 
 
-@register("svd_compress")
+@register("svd_compress", kind="compression", seedable=False,
+          summary="M-SMoE, then a truncated SVD of each merged expert")
 def svd_compress(materializer: Materializer, calibration: dict, *, num_kept: int, top_k: int, seed: int = 0,
                  rank: int | None = None, energy: float | None = 0.9) -> MethodResult:
     """M-SMoE merge, then truncated SVD of each merged expert at ``rank`` (or ``energy``; module docstring)."""

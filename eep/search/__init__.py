@@ -1,1 +1,3 @@
-"""The EEP search: the evolutionary strategy over genomes (the Hydra app, ask/tell loop and resume are to come)."""
+"""The search engine: the EEP strategy and nevergrad proposers, the archive, the ask/tell loop in batches, exact
+checkpoints and resume, scoring on a pool. It knows genomes, scores and checkpoints, no config file or CLI
+(the application layer, ``eep.app``, drives it)."""

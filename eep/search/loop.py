@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from eep.genome import Genome
-from eep.search.proposers import Archive
+from eep.search.archive import Archive
 
 log = logging.getLogger(__name__)
 

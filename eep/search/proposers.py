@@ -16,35 +16,11 @@ import numpy as np
 import torch
 
 from eep.genome import Genome
-from eep.search.strategy import (EEPSettings, _revive_empty_rows, crossover, mutate_matrices, mutate_subsets,
+from eep.search.archive import Archive  # kept here too: eep 0.1.0 checkpoints pickle this path
+from eep.search.strategy import (EEPSettings, crossover, mutate_matrices, mutate_subsets, revive_empty_rows,
                                  parents, random_subsets)
 
 PHASES = ("prune", "merge")
-
-
-class Archive:
-    """Every distinct evaluated genome by content hash, in evaluation order: ``hash -> (fitness, genome, phase)``."""
-
-    def __init__(self):
-        self.entries: dict[str, tuple[float, Genome, str]] = {}
-
-    def __contains__(self, genome: Genome) -> bool:
-        return genome.content_hash() in self.entries
-
-    def fitness(self, genome: Genome) -> float:
-        return self.entries[genome.content_hash()][0]
-
-    def add(self, genome: Genome, fitness: float, phase: str) -> None:
-        self.entries[genome.content_hash()] = (fitness, genome, phase)
-
-    def scored(self, phase: str | None = None) -> list[tuple[float, Genome]]:
-        return [(f, g) for f, g, p in self.entries.values() if phase is None or p == phase]
-
-    def count(self, phase: str) -> int:
-        return sum(p == phase for _, _, p in self.entries.values())
-
-    def best(self) -> tuple[float, Genome]:
-        return max(self.scored(), key=lambda item: item[0])
 
 
 class Codec:
@@ -81,7 +57,7 @@ class Codec:
         mats = torch.as_tensor(np.asarray(value), dtype=torch.float32).reshape(len(t.groups), 2, t.num_kept,
                                                                                t.num_experts)
         rm = mats[:, 0].clamp(min=0)
-        _revive_empty_rows(rm, t.router_map)
+        revive_empty_rows(rm, t.router_map)
         return Genome(rm, mats[:, 1], t.top_k, t.groups)
 
     def _top(self, scores: np.ndarray) -> list[int]:
@@ -92,7 +68,7 @@ class Codec:
 
 
 class EEPOptimizer(ng.optimizers.base.Optimizer):
-    """The EEP evolutionary strategy (METHODS.md section 1) as a nevergrad optimiser over a ``Codec``'s
+    """The EEP evolutionary strategy (docs/methods.md section 3) as a nevergrad optimiser over a ``Codec``'s
     parametrization. Steady state: every told candidate joins the population (by content hash), parents are drawn
     among its near-best members; a child equal to a told or pending genome is re-drawn (up to ``redraws`` times).
 
@@ -165,10 +141,6 @@ class NevergradProposer:
     def __init__(self, optimizer, codec: Codec):
         self.optimizer, self.codec = optimizer, codec
         self.pending: dict[str, list] = {}
-
-    @property
-    def phase(self) -> str:
-        return self.codec.phase
 
     def ask(self) -> Genome:
         candidate = self.optimizer.ask()

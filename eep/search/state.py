@@ -13,7 +13,8 @@ from pathlib import Path
 
 from eep.genome import Genome
 from eep.search.loop import Batch, run_phase
-from eep.search.proposers import Archive, make_proposer
+from eep.search.archive import Archive
+from eep.search.proposers import make_proposer
 from eep.search.strategy import EEPSettings
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""The EEP evolutionary strategy's operators (METHODS.md section 1), as pure functions over genomes.
+"""The EEP evolutionary strategy's operators (docs/methods.md section 3), as pure functions over genomes.
 
 Pruning phase: a child re-points rows of its parent's kept subsets (each layer group changes with probability
 ``group_change``; in a changing group each row is re-pointed with probability ``row_repoint`` to an expert no other
@@ -74,11 +74,11 @@ def mutate_matrices(genome: Genome, settings: EEPSettings, gen: torch.Generator)
         if torch.rand((), generator=gen) < settings.renormalize:
             sums = em[g].sum(dim=1, keepdim=True)
             em[g] = torch.where(sums != 0, em[g] / sums, em[g])
-    _revive_empty_rows(rm, genome.router_map)
+    revive_empty_rows(rm, genome.router_map)
     return Genome(rm, em, genome.top_k, genome.groups)
 
 
-def _revive_empty_rows(rm: torch.Tensor, parent: torch.Tensor) -> None:
+def revive_empty_rows(rm: torch.Tensor, parent: torch.Tensor) -> None:
     """A router row clamped to all zeros would route nothing: give it back its parent's row."""
     empty = rm.sum(dim=2) == 0
     rm[empty] = parent[empty]

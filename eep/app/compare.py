@@ -20,15 +20,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from eep.search import app
-from eep.search import final as F
+from eep import settings
+from eep.app import report as reports
+from eep.app import runfolder
+from eep.app import search as search_app
+from eep.app.session import Session, make_evaluator, task_names
+from eep.errors import UserError
 from eep.files import write_atomic
-from eep.search import run as R
+from eep.search.run import STATE
 
 log = logging.getLogger("eep.compare")
 
-ALL_METHODS = ("random", "frequency", "soft_activation", "reap", "enumeration", "enumeration_progressive",
-               "skipping", "m_smoe", "hc_smoe", "svd_compress", "eep")
+SEARCH = "eep"   # the EEP search itself, listed after the registered methods
 CSV, MD, PNG, ROWS = "compare.csv", "compare.md", "compare.png", "compare.jsonl"
 CONFIG, RUN = "compare_config.yaml", "compare_run.json"
 COLUMNS = ["method", "num_experts", "top_k", "test_score", "test_std", "runs", "seconds", "notes"]
@@ -50,15 +53,20 @@ class Row:
     scores: list[float] = field(default_factory=list)
 
 
+def all_methods() -> list[str]:
+    """Every method ``eep-compare`` runs by default: the registry's (``eep.methods.method_names``), then ``eep``."""
+    from eep.methods import method_names
+
+    return [*method_names(), SEARCH]
+
+
 def methods_of(cfg: DictConfig) -> list[str]:
     """``compare.methods`` (null: every method), each checked against the registry."""
-    from eep.methods import METHODS
-
-    names = list(cfg.compare.methods) if cfg.compare.methods else list(ALL_METHODS)
-    valid = sorted({*METHODS, "eep"})
+    valid = all_methods()
+    names = list(cfg.compare.methods) if cfg.compare.methods else valid
     for name in names:
         if name not in valid:
-            raise R.UserError(f"compare.methods: unknown method {name!r}; valid: {', '.join(valid)}")
+            raise UserError(f"compare.methods: unknown method {name!r}; valid: {', '.join(sorted(valid))}")
     return names
 
 
@@ -72,7 +80,7 @@ def counts_of(cfg: DictConfig) -> list[int]:
 
 def at_count(cfg: DictConfig, num_experts: int) -> DictConfig:
     """``cfg`` with ``search.num_experts`` set and without compare's resume keys (a search sub-run resumes from its
-    own folder: ``_Session._search``)."""
+    own folder: ``Comparison.search``)."""
     out = OmegaConf.create(OmegaConf.to_container(cfg))
     out.search.num_experts = num_experts
     out.resume, out.resume_force = None, False
@@ -82,8 +90,6 @@ def at_count(cfg: DictConfig, num_experts: int) -> DictConfig:
 def validate(cfg: DictConfig) -> tuple[list[str], list[tuple[int, int]]]:
     """Methods, and ``(E', k')`` per expert count, all checked before the model loads (``eep.settings``: every key,
     then each count against the model's config.json)."""
-    from eep import settings
-
     settings.check(cfg, "eep-compare")
     shapes = [settings.check_shape(cfg, n) for n in counts_of(cfg)]
     return methods_of(cfg), [(s.num_experts, s.top_k) for s in shapes]
@@ -95,39 +101,42 @@ def resume_folder(value) -> Path:
     if (folder / CONFIG).is_file():
         return folder
     other = (f"; it is an eep-search run: resume it with eep-search resume={value}"
-             if (folder / R.CONFIG).is_file() else "")
-    raise R.UserError(f"resume={value} is not an eep-compare run folder (no {CONFIG}){other}; give the folder the "
+             if (folder / runfolder.CONFIG).is_file() else "")
+    raise UserError(f"resume={value} is not an eep-compare run folder (no {CONFIG}){other}; give the folder the "
                       f"comparison printed when it started (runs/compare/<date>/<time>)")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     """On resume, the run's saved config with ``overrides`` applied, as eep-search does
-    (:func:`eep.search.run.resumed_config`); ``run`` then checks the result against the run's hash."""
+    (:func:`eep.app.runfolder.resumed_config`); ``run`` then checks the result against the run's hash."""
     if not cfg.resume:
         return cfg
-    return R.resumed_config(cfg, OmegaConf.load(resume_folder(cfg.resume) / CONFIG), overrides)
+    return runfolder.resumed_config(cfg, OmegaConf.load(resume_folder(cfg.resume) / CONFIG), overrides)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> list[Row] | None:
-    """Compare the configured methods in ``run_dir`` (``cfg.resume``: go on with that run); returns the rows in the
-    canonical order (the full model first, then every method at each count), or None if the run was finished before
-    or a search sub-run stopped at its time limit (resumable)."""
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> list[Row] | None:
+    """Compare the configured methods in ``run_dir`` (``cfg.resume``: go on with that run, with a command line's
+    ``overrides`` applied to its saved config: :func:`resumed_config`); returns the rows in the canonical order (the
+    full model first, then every method at each count), or None if the run was finished before or a search sub-run
+    stopped at its time limit (resumable)."""
+    if overrides is not None:
+        cfg = resumed_config(cfg, overrides)
     if cfg.resume:
         run_dir = resume_folder(cfg.resume)
         if (run_dir / CSV).exists():
             print(f"comparison {run_dir} is finished; nothing to do (table: {run_dir / MD})")
             return None
         saved = json.loads((run_dir / RUN).read_text())["config_hash"] if (run_dir / RUN).exists() else None
-        if saved != R.config_hash(cfg) and not cfg.resume_force:
-            raise R.UserError(f"the config differs from the one {run_dir} was started with; resume with no other "
+        if saved != runfolder.config_hash(cfg) and not cfg.resume_force:
+            raise UserError(f"the config differs from the one {run_dir} was started with; resume with no other "
                               "argument, or add resume_force=true to accept the change")
     elif (run_dir / CONFIG).exists():
-        raise R.UserError(f"{run_dir} already holds a comparison; resume it with resume={run_dir}")
+        raise UserError(f"{run_dir} already holds a comparison; resume it with resume={run_dir}")
     methods, shapes = validate(cfg)
     if not cfg.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / RUN, json.dumps({"config_hash": R.config_hash(cfg),
-                                                  "versions": R.package_versions()}, indent=1) + "\n")
+        write_atomic(run_dir / RUN, json.dumps({"config_hash": runfolder.config_hash(cfg),
+                                                "versions": runfolder.package_versions()}, indent=1) + "\n")
         write_atomic(run_dir / CONFIG, OmegaConf.to_yaml(cfg))  # last: it marks the folder a comparison's
     log.info("comparison in %s (after a stop: eep-compare resume=%s)", run_dir, run_dir)
     if cfg.evaluator.threads:  # as eep-search sets it, so that every row is computed with the same threads
@@ -137,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path) -> list[Row] | None:
     done = {_key(r): r for r in load_rows(run_dir / ROWS)}
     if done:
         log.info("resuming: %d finished rows kept", len(done))
-    session = _Session(cfg, run_dir)
+    session = Comparison(cfg, run_dir)
     rows = []
     for key in [("full", None, None), *[(m, kept, top_k) for kept, top_k in shapes for m in methods]]:
         row = done.get(key)
@@ -159,24 +168,22 @@ def _key(row: Row) -> tuple:
     return ("full", None, None) if row.method == "full" else (row.method, row.num_experts, row.top_k)
 
 
-class _Session:
-    """The loaded model, its materialiser, the test evaluator and the calibration tokens, shared by every method."""
+class Comparison:
+    """The rows of one comparison: the session (model, materialiser), the test evaluator and the calibration
+    tokens are shared by every method, loaded on first use (a resumed run whose remaining rows are searches never
+    loads the model here)."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
-        self.names, _ = app.task_names(cfg)
+        self.names, _ = task_names(cfg)
         self.loaded = False
 
     def load(self) -> None:
-        """Load on first use: a resumed run whose remaining rows are searches never loads the model here."""
-        from eep.materialize import Materializer
-        from eep.models import ModelConfig, load_model
-
         if self.loaded:
             return
-        self.model, self.tok = load_model(ModelConfig(**OmegaConf.to_container(self.cfg.model)))
-        self.mat = Materializer(self.model)
-        self.tester = app.make_evaluator(self.cfg, self.model, self.tok, "test")
+        session = Session(self.cfg, search=False)
+        self.model, self.tok, self.mat = session.model, session.tok, session.mat
+        self.tester = session.evaluator("test")
         self.calibration = _calibration(self.cfg, self.model, self.tok)
         self.loaded = True
 
@@ -184,7 +191,7 @@ class _Session:
         score = self.tester.evaluate()
         if score.error:
             log.warning("evaluation failed: %s", score.error)
-        return F.reported_value(score, self.names)
+        return reports.reported_value(score, self.names)
 
     def full_row(self) -> Row:
         self.load()
@@ -192,8 +199,8 @@ class _Session:
         return Row("full", adapter.num_experts, adapter.top_k, self.score())
 
     def row(self, method: str, kept: int, top_k: int) -> Row:
-        if method == "eep":
-            return self._search(kept, top_k)
+        if method == SEARCH:
+            return self.search(kept, top_k)
         self.load()
         seeds = range(self.cfg.compare.random_seeds) if method == "random" else [0]
         scores, seconds, notes = [], 0.0, ""
@@ -227,21 +234,21 @@ class _Session:
             export_result(self.mat, result, folder, self.tok, calibration=self.calibration)
         return value
 
-    def _search(self, kept: int, top_k: int) -> Row | None:
+    def search(self, kept: int, top_k: int) -> Row | None:
         """The EEP search at this count, as its own ``eep-search`` run in ``eep_E<n>/``: resumed there if a stopped
         run left its checkpoint (``resume_force`` passed on); None if it stops at ``search.time_limit``."""
         folder = self.run_dir / f"eep_E{kept}"
         sub = at_count(self.cfg, kept)
-        if (folder / R.STATE).exists() or (folder / f"{R.STATE}.prev").exists():
+        if (folder / STATE).exists() or (folder / f"{STATE}.prev").exists():
             sub.resume, sub.resume_force = str(folder), bool(self.cfg.resume_force)
             log.info("resuming the search run %s", folder)
         start = time.perf_counter()
-        report = app.run(sub, folder)
+        report = search_app.run(sub, folder)
         if report is None:  # finished before
             report = json.loads((folder / "report.json").read_text())
         if not report:  # stopped at its time limit, resumable
             return None
-        return Row("eep", kept, top_k, float(report["test"]["best_in_place"]), None, 1,
+        return Row(SEARCH, kept, top_k, float(report["test"]["best_in_place"]), None, 1,
                    round(time.perf_counter() - start, 2), f"search run: {folder.name}/, "
                    f"{report['evaluations']} evaluations")
 
@@ -250,7 +257,7 @@ def _calibration(cfg: DictConfig, model, tok) -> dict:
     """Calibration tokens: the task's search split (``compare.calibration=task``) or the mixed-skills corpus."""
     from eep.methods import calibration_batch
 
-    source = "skills_all" if cfg.compare.calibration == "skills_all" else app.make_evaluator(cfg, model, tok, "search")
+    source = "skills_all" if cfg.compare.calibration == "skills_all" else make_evaluator(cfg, model, tok, "search")
     return calibration_batch(model, tok, source, n=cfg.compare.calibration_docs)
 
 
@@ -297,7 +304,7 @@ def write_outputs(cfg: DictConfig, run_dir: Path, rows: list[Row]) -> None:
     """``compare.md``, ``compare.png`` and, last, ``compare.csv`` (one row per method and expert count), each
     written atomically; the table to stdout."""
     table = _markdown(rows)
-    names, _ = app.task_names(cfg)
+    names, _ = task_names(cfg)
     head = (f"# eep-compare: {', '.join(names)} on {cfg.model.path or cfg.model.name}\n\n"
             f"Test split, {cfg.evaluator.test_limit or 'all'} documents; calibration: {cfg.compare.calibration}; "
             f"seed {cfg.seed}.\n\n")
@@ -336,8 +343,8 @@ def plot(rows: list[Row], path) -> None:
         pts = sorted((r.num_experts, r.test_score, r.test_std or 0.0) for r in rows if r.method == method)
         xs, ys, errs = zip(*pts)
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, marker=markers[i % len(markers)], capsize=3,
-                    color="black" if method == "eep" else colours[(2 * i) % 20 + (i // 10) % 2],
-                    linewidth=2.5 if method == "eep" else 1.2,
+                    color="black" if method == SEARCH else colours[(2 * i) % 20 + (i // 10) % 2],
+                    linewidth=2.5 if method == SEARCH else 1.2,
                     label=method)
     for r in rows:
         if r.method == "full":

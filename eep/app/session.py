@@ -1,0 +1,96 @@
+"""A config's model, tokenizer and materialiser, loaded once, and the evaluators and pools built on them.
+
+Every app builds its model through :class:`Session` (``eep-search`` in its process and in each Ray worker,
+``eep-compare``, ``eep-export``), so the same config always gives the same model, splits and calibration.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+from omegaconf import DictConfig, OmegaConf
+
+from eep.evaluate.score import Score
+from eep.search.run import score
+
+GATE_REFIT_DOCS = 256   # calibration documents (validation split) for refitting merged gates on export
+
+
+def task_names(cfg: DictConfig) -> tuple[list[str], tuple[str, ...]]:
+    """The task config's lm-eval task names and include paths."""
+    names = list(cfg.task.names)
+    paths = (str(cfg.task.include_path),) if cfg.task.include_path else ()
+    return names, paths
+
+
+def model_config(cfg: DictConfig):
+    """The ``model`` group of ``cfg`` as an :class:`eep.models.ModelConfig`."""
+    from eep.models import ModelConfig
+
+    return ModelConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+
+
+def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
+    """The Evaluator of ``role`` (search, validation or test) for ``cfg``'s tasks, splits and evaluator keys."""
+    from eep.evaluate.evaluator import Evaluator
+
+    names, paths = task_names(cfg)
+    ev = cfg.evaluator
+    limits = {"search": ev.limit, "validation": ev.validation_limit, "test": ev.test_limit}
+    overrides = {"search": cfg.task.search_split, "validation": cfg.task.validation_split,
+                 "test": cfg.task.report_split}
+    weights = OmegaConf.to_container(cfg.task.weights) if cfg.task.weights else None
+    return Evaluator(model, tokenizer, names, role=role, limit=limits[role], batch_size=ev.batch_size,
+                     include_paths=paths, split_overrides=overrides, split_seed=ev.split_seed, weights=weights,
+                     num_fewshot=ev.num_fewshot, apply_chat_template=ev.apply_chat_template,
+                     progress=ev.progress and role == "search")
+
+
+class Session:
+    """One loaded model with its tokenizer and materialiser, and (``search=True``) its search-split Evaluator:
+    what a serial search holds, what every Ray worker builds from the same config (:func:`replica_scorer`), and
+    what ``eep-compare`` and ``eep-export`` score and export with."""
+
+    def __init__(self, cfg: DictConfig, search: bool = True):
+        from eep.materialize import Materializer
+        from eep.models import load_model
+
+        self.cfg = cfg
+        self.model, self.tok = load_model(model_config(cfg))
+        self.mat = Materializer(self.model)
+        self.searcher = self.evaluator("search") if search else None
+
+    def evaluator(self, role: str):
+        """A new Evaluator of ``role`` on this session's model (:func:`make_evaluator`)."""
+        return make_evaluator(self.cfg, self.model, self.tok, role)
+
+    def score(self, genome) -> Score:
+        """``genome`` applied and scored on the search split (:func:`eep.search.run.score`)."""
+        return score(self.mat, self.searcher, genome)
+
+    def gate_calibration(self, validator=None) -> dict:
+        """The tokens merged gates are refit on at export: the first :data:`GATE_REFIT_DOCS` requests of the
+        validation split (``validator``, or a new validation Evaluator), the same for ``eep-search`` and
+        ``eep-export``."""
+        from eep.evaluate.calibration import calibration_tokens
+
+        return calibration_tokens(validator or self.evaluator("validation"), self.tok, n=GATE_REFIT_DOCS)
+
+
+def replica_scorer(cfg: dict):
+    """Run once in each Ray worker: a :class:`Session` of the (resolved, plain) config; its ``score``."""
+    return Session(OmegaConf.create(cfg)).score
+
+
+def pool(cfg: DictConfig, session: Session | None):
+    """The serial pool over ``session``, or a RayPool of ``evaluator.workers`` sessions (a context manager)."""
+    from eep.search.loop import SerialPool
+
+    ev = cfg.evaluator
+    if ev.workers == 1:
+        return contextlib.nullcontext(SerialPool(session.score))
+    from eep.parallel import RayPool
+
+    build = functools.partial(replica_scorer, OmegaConf.to_container(cfg, resolve=True))
+    gpu = cfg.model.device != "cpu" or cfg.model.device_map is not None
+    return RayPool(build, ev.workers, ev.threads, ev.ray_address, gpus=gpu)

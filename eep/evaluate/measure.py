@@ -1,0 +1,62 @@
+"""What a compressed model saves, measured: parameters, expert usage per layer, generation throughput and memory."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def parameter_counts(model, adapter, num_kept: int | None = None) -> dict[str, int]:
+    """Total and routed-expert parameters, as loaded or with ``num_kept`` experts per MoE layer."""
+    total = sum(p.numel() for p in model.parameters())
+    expert = sum(layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in adapter.layers)
+    if num_kept is None:
+        return {"total": total, "expert": expert}
+    kept = expert * num_kept // adapter.num_experts
+    router = sum(layer.router.weight.numel() for layer in adapter.layers) * (adapter.num_experts - num_kept) \
+        // adapter.num_experts
+    return {"total": total - expert + kept - router, "expert": kept}
+
+
+def expert_usage(model, adapter, batch: dict) -> torch.Tensor:
+    """``float[L, E]``: share of top-k selections per expert slot per MoE layer over the batch's real tokens."""
+
+    counts = torch.zeros(len(adapter.layers), adapter.num_experts)
+    keep = batch["attention_mask"].reshape(-1).bool().cpu()
+    handles = []
+    for layer in adapter.layers:
+        def hook(module, args, output, i=layer.index):
+            chosen = output[2].reshape(keep.shape[0], -1)[keep].reshape(-1).cpu()
+            counts[i] += torch.bincount(chosen, minlength=adapter.num_experts)[: adapter.num_experts].float()
+        handles.append(layer.router.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return counts / counts.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def generation_speed(model, batch: dict, new_tokens: int = 16) -> dict:
+    """Greedy generation throughput (new tokens per second) and memory: peak GPU bytes on CUDA, else weight bytes."""
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    # exactly `new_tokens` new tokens, as total lengths: max_new_tokens would conflict with a max_length in the
+    # model's own generation config (transformers then warns that both are set)
+    length = batch["input_ids"].shape[1] + new_tokens
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**batch, max_length=length, min_length=length, do_sample=False,
+                       pad_token_id=model.generation_config.pad_token_id or 0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    out = {"tokens_per_second": batch["input_ids"].shape[0] * new_tokens / seconds}
+    if device.type == "cuda":
+        out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
+    out["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    return out
