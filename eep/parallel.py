@@ -69,10 +69,10 @@ class _Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def evaluate(self, genome: dict):
+    def evaluate(self, genome: dict, stage: str | None = None):
         from eep.genome import Genome
 
-        return self.score(Genome(**genome))
+        return self.score(Genome(**genome)) if stage is None else self.score(Genome(**genome), stage)
 
 
 def payload(genome) -> dict:
@@ -115,15 +115,15 @@ class RayPool:
             self.close()
             raise RuntimeError(f"a Ray worker failed to start: {err}") from None
 
-    def run(self, genomes: list, done: Callable) -> None:
-        """Score ``genomes`` on the free actors; ``done(genome, result)`` as each comes back (completion order).
-        A dead worker is replaced and its genome re-queued at the front."""
+    def run(self, genomes: list, done: Callable, stage: str | None = None) -> None:
+        """Score ``genomes`` on the free actors (``stage``: racing's, passed to the scorer); ``done(genome,
+        result)`` as each comes back (completion order). A dead worker is replaced and its genome re-queued."""
         ray = _ray()
         queue, idle, running, failures = deque(genomes), deque(range(len(self.actors))), {}, {}
         while queue or running:
             while queue and idle:
                 slot, genome = idle.popleft(), queue.popleft()
-                running[self.actors[slot].evaluate.remote(payload(genome))] = (slot, genome)
+                running[self.actors[slot].evaluate.remote(payload(genome), stage)] = (slot, genome)
             [ref], _ = ray.wait(list(running), num_returns=1)
             slot, genome = running.pop(ref)
             idle.append(slot)

@@ -106,6 +106,16 @@ class Names:
 
 
 @dataclass(frozen=True)
+class MethodList:
+    """A list of names, possibly empty (a single name or null, as configs before eep 0.2 wrote it, is accepted)."""
+
+    def check(self, key, v):
+        items = [] if v is None else [v] if isinstance(v, str) else v
+        if not isinstance(items, list) or not all(isinstance(x, str) and x for x in items):
+            raise bad(key, v, "must be a list of method names, e.g. [reap,frequency], or [] (random start)")
+
+
+@dataclass(frozen=True)
 class Counts:
     """An integer >= 1 or a non-empty list of them (or null)."""
     null: str
@@ -148,6 +158,7 @@ PROBABILITY = Num(0.0, 1.0)
 LIMIT = "the whole split"
 SEARCH = {
     "seed": Int(),
+    "statistics": Text(null="calibrate on the search split"),
     "resume": Text(null="a new run"),
     "resume_force": Bool(),
     "verbose": Bool(),
@@ -170,7 +181,10 @@ SEARCH = {
     "search.time_limit": Num(0.0, strict=True, null="no time limit"),
     "search.ask_batch": Int(1, null="evaluator.workers"),
     "search.final_candidates": Int(0),
-    "search.init_from": Text(null="random candidates"),
+    "search.init_from": MethodList(),
+    "search.fitness": Text(choices=("task", "likelihood", "agreement")),
+    "search.racing.slice": Num(0.0, 1.0, strict=True),
+    "search.racing.top": Int(1),
     "search.max_failed_candidates": Int(1),
     "search.eep.population": Int(1),
     "search.eep.group_change": PROBABILITY,

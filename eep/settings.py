@@ -157,6 +157,10 @@ def _check_paths(data: dict, app: str) -> None:
     include = get(data, "task.include_path")
     if include is not None and not Path(include).expanduser().is_dir():
         raise bad("task.include_path", include, "no such folder; give a folder of lm-eval task YAMLs")
+    statistics = get(data, "statistics")
+    if statistics is not None and not Path(statistics).expanduser().is_file():
+        raise bad("statistics", statistics, "no such file; give the statistics.safetensors an eep-search run "
+                                            "wrote in its folder, or null to calibrate")
     resume = get(data, "resume")
     if resume is not None:
         marker = COMPARE_CONFIG if app == "eep-compare" else SEARCH_CONFIG
@@ -169,16 +173,18 @@ def _check_combinations(data: dict) -> None:
     kept, top_k = get(data, "search.num_experts"), get(data, "search.top_k")
     if top_k is not None and top_k > kept:
         raise bad("search.top_k", top_k, f"must be an integer between 1 and search.num_experts={kept}")
-    method = get(data, "search.init_from")
-    if method is not None:
+    methods = init_methods(data)
+    if methods:
         from eep.methods import METHOD_INFO, method_names
 
         seedable = method_names(seedable=True)
-        if method not in seedable:
-            why = (f"{method} is a {METHOD_INFO[method].kind} method whose result is more than a genome"
-                   if method in METHOD_INFO else f"{method} is not a method")
-            raise bad("search.init_from", method, f"use one of {', '.join(seedable)} (methods whose result is a "
-                                                  f"genome over the original weights alone; {why})")
+        for method in methods:
+            if method not in seedable:
+                why = (f"{method} is a {METHOD_INFO[method].kind} method whose result is more than a genome"
+                       if method in METHOD_INFO else f"{method} is not a method")
+                raise bad("search.init_from", get(data, "search.init_from"),
+                          f"use methods among {', '.join(seedable)} (methods whose result is a genome over the "
+                          f"original weights alone; {why}), or [] for the random start")
     splits = {k: get(data, f"task.{k}") for k in ("search_split", "validation_split", "report_split")}
     named = [(k, v) for k, v in splits.items() if v is not None]
     for i, (k, v) in enumerate(named):
@@ -191,6 +197,12 @@ def _check_combinations(data: dict) -> None:
         except ImportError:
             raise bad("evaluator.workers", get(data, "evaluator.workers"),
                       "more than 1 worker needs Ray: pip install 'eep[ray]' (or evaluator.workers=1)") from None
+
+
+def init_methods(data) -> list[str]:
+    """``search.init_from`` as a list (a single name or null, as configs before eep 0.2 wrote it: [name] or [])."""
+    value = get(data if isinstance(data, dict) else plain(data), "search.init_from")
+    return [] if value is None else [value] if isinstance(value, str) else list(value)
 
 
 def check_optimizers(cfg) -> None:
@@ -323,10 +335,14 @@ def check_shape(cfg, num_experts: int | None = None) -> Shape:
     adapter = model_adapter(data)
     layers = len(adapter.layers)
     kept, top_k, groups = check_settings(data, layers, adapter.num_experts, adapter.top_k)
-    method = get(data, "search.init_from")
-    if method is not None and len(groups) != layers:
-        raise UserError(f"search.init_from={method} gives one genome pair per layer: use it with "
-                        f"search.layer_groups=per_layer (not {get(data, 'search.layer_groups')})")
+    from eep.methods import METHOD_INFO
+
+    merging = [m for m in init_methods(data) if METHOD_INFO[m].kind == "merging"]
+    if merging and len(groups) != layers:
+        raise UserError(f"search.init_from: {merging[0]} gives a merging genome per layer, which has no "
+                        f"depth-group form: use it with search.layer_groups=per_layer (not "
+                        f"{get(data, 'search.layer_groups')}), or leave it out (pruning statistics are mapped to "
+                        f"the groups)")
     n_group = adapter.expert_groups
     per_group, take = adapter.num_experts // n_group, -(-kept // n_group)
     spread = [g * per_group + i for i in range(take) for g in range(n_group)][:kept]  # balanced over groups

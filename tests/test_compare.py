@@ -113,6 +113,26 @@ def test_a_small_comparison_writes_table_csv_and_plot_with_the_scores_measured_i
     assert (run_dir / "compare.png").stat().st_size > 0 and "| frequency | 4 |" in (run_dir / "compare.md").read_text()
 
 
+def test_statistics_of_a_search_run_give_the_same_rows_without_calibrating(tmp_path, reference, monkeypatch):
+    """``statistics=<file>`` (a search run's ``statistics.safetensors``, calibrated on the same 16 requests of the
+    search split as the comparison's own calibration): frequency's row at E'=4 and 6 equals the one computed from a
+    fresh calibration pass, and no calibration pass runs for it."""
+    import eep.methods.registry as registry
+    from eep.app import search
+
+    run = tmp_path / "search"
+    search.run(compose_config("eep_search", [*SMALL[:-2], "evaluator.limit=16", "search.init_from=[frequency]",
+                                             "search.prune_budget=1", "search.final_candidates=1"]), run)
+    real, computed = registry.compute, []
+    monkeypatch.setattr(registry, "compute", lambda name, *a, **k: computed.append(name) or real(name, *a, **k))
+    monkeypatch.setattr("eep.methods.compute", registry.compute)
+    rows = compare.run(config([*RESUMED, "compare.methods=[frequency]", f"statistics={run / 'statistics.safetensors'}"]),
+                       tmp_path / "c")
+    want = {(r.num_experts, r.test_score) for r in reference[1] if r.method == "frequency"}
+    assert {(r.num_experts, r.test_score) for r in rows if r.method == "frequency"} == want
+    assert "frequency" not in computed
+
+
 def test_frequency_keeping_every_expert_is_the_full_model(tmp_path):
     rows = compare.run(config([*SMALL, "compare.methods=[frequency]", "compare.num_experts=[8]"]), tmp_path / "c")
     assert [(r.method, r.num_experts, r.top_k) for r in rows] == [("full", 8, 2), ("frequency", 8, 2)]

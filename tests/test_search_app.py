@@ -27,8 +27,11 @@ def config(overrides):
     ("search.prune_budget=-1", "search.prune_budget=-1: must be an integer >= 0"),
     ("optimizer.name=NGopt", "optimizer.prune_name: unknown nevergrad optimizer 'NGopt'. Close names: NGOpt"),
     ("task.names=[skills_sorted]", "unknown lm-eval task 'skills_sorted'"),
-    ("search.init_from=m_smoe", "search.init_from=m_smoe: use one of random, frequency"),
-    ("search.init_from=reap search.layer_groups=2", "search.init_from=reap gives one genome pair per layer"),
+    ("search.init_from=m_smoe", "search.init_from=m_smoe: use methods among random, frequency"),
+    ("search.init_from=[reap,skipping]", "skipping is a skipping method whose result is more than a genome"),
+    ("search.init_from=[hc_smoe] search.layer_groups=2", "hc_smoe gives a merging genome per layer"),
+    ("search.fitness=exact", "search.fitness=exact: use one of task, likelihood, agreement"),
+    ("statistics=/nonexistent/statistics.safetensors", "statistics=/nonexistent/statistics.safetensors: no such file"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, override, message):
     with pytest.raises((UserError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -73,7 +76,9 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch):
     """Dies mid-candidate (as under SIGKILL: the candidate in flight is lost), then ``resume=<folder>``. The search
-    evaluator's first call scores the full model (the baseline), so the fifth candidate is its sixth call."""
+    evaluator's calls: the full model (the baseline), the three distinct statistics' genomes of the first
+    generation (one batch), then the strategy's candidates on racing's slice: the sixth call dies in the
+    pruning phase's second batch, after the first generation was committed."""
     from eep.evaluate.evaluator import Evaluator
 
     full = tmp_path / "full"
@@ -92,7 +97,7 @@ def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         app.run(config(TINY), killed)
     monkeypatch.undo()
-    assert len((killed / "evaluations.jsonl").read_text().splitlines()) == 4
+    assert len((killed / "evaluations.jsonl").read_text().splitlines()) == 3
     with pytest.raises(UserError, match="resume_force=true"):
         app.run(config([*TINY, "seed=5", f"resume={killed}"]), tmp_path / "ignored")
     app.run(config([*TINY, f"resume={killed}"]), killed)
@@ -195,18 +200,96 @@ def test_cli_multirun_sweep_writes_one_finished_run_per_job_under_runs(tmp_path)
     assert out.stdout.count("eep (exported)") == 2
 
 
-def test_init_from_makes_the_methods_genome_the_first_evaluation(tmp_path):
-    """``search.init_from=reap``: REAP's genome (calibrated on the search split) is evaluated first, in the pruning
-    phase, and the run goes on from it."""
+def method_genomes(cfg, methods, num_kept=8, top_k=4):
+    """Each method's genome, computed independently of the app: ``eep.methods.compute`` on the search split's
+    first ``evaluator.limit`` requests."""
     from eep.materialize import Materializer
     from eep.methods import calibration_batch, compute
     from eep.models import load_model, model_config
 
-    cfg = config([*TINY, "search.init_from=reap"])
-    app.run(cfg, tmp_path / "run")
+    model, tok = load_model(model_config(cfg.model.name.replace("-", "_")))
+    calibration = calibration_batch(model, tok, app.make_evaluator(cfg, model, tok, "search"), n=cfg.evaluator.limit)
+    mat = Materializer(model)
+    return {m: compute(m, model, mat, calibration, num_kept=num_kept, top_k=top_k).genome for m in methods}
+
+
+def test_the_first_generation_holds_the_statistics_genomes(tmp_path):
+    """The default ``search.init_from``: REAP's, soft activation's and frequency's genomes (one calibration pass)
+    are the first evaluations, in that order, duplicates once; enumeration is left out at C(32, 8) subsets per layer;
+    the rest of the budget is the strategy's (random subsets, then children). The statistics are saved, and a run
+    given ``statistics=<file>`` starts from the same genomes without calibrating."""
+    cfg = config(TINY)
+    assert list(cfg.search.init_from) == ["reap", "soft_activation", "frequency", "enumeration"]
+    report = app.run(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
-    model, tok = load_model(model_config("skills_olmoe"))
-    calibration = calibration_batch(model, tok, app.make_evaluator(cfg, model, tok, "search"), n=20)
-    reap = compute("reap", model, Materializer(model), calibration, num_kept=8, top_k=4).genome
-    assert rows[0]["genome_hash"] == reap.content_hash() and rows[0]["phase"] == "prune"
+    # the cost: every evaluation's forward tokens (generation: prompts plus generated steps, which vary a little
+    # with the candidate; racing's slice, a quarter of the documents: fewer)
+    full = [r["forward_tokens"] for r in rows if r["fidelity"] == 1.0]
+    assert max(full) < 1.2 * min(full) and all(0 < r["forward_tokens"] < min(full) for r in rows
+                                                 if r["fidelity"] < 1.0)
+    assert report["cost"] == {"forward_tokens": sum(r["forward_tokens"] for r in rows) +
+                              report["search_full"]["forward_tokens"], "candidates": 7,
+                              "seconds": round(report["search_seconds"], 2)}
+    want = list(dict.fromkeys(g.content_hash() for g in method_genomes(cfg, ["reap", "soft_activation",
+                                                                             "frequency"]).values()))
+    assert [r["genome_hash"] for r in rows[:len(want)]] == want and all(r["phase"] == "prune" for r in rows[:5])
     assert len(rows) == 7 and len({r["genome_hash"] for r in rows}) == 7
+    stats = tmp_path / "run" / "statistics.safetensors"
+    again = tmp_path / "again"
+    import eep.methods.expert_scores as scores
+
+    calls = []
+    real = scores.expert_scores
+    scores.expert_scores = lambda *a, **k: calls.append(1) or real(*a, **k)
+    try:
+        app.run(config([*TINY, f"statistics={stats}", "search.prune_budget=3", "search.merge_budget=0"]), again)
+    finally:
+        scores.expert_scores = real
+    rows_again = [json.loads(line) for line in (again / "evaluations.jsonl").read_text().splitlines()]
+    assert not calls and [r["genome_hash"] for r in rows_again[:len(want)]] == want
+
+
+def test_statistics_seed_depth_groups_and_another_count(tmp_path):
+    """With ``search.layer_groups=2`` each group keeps the experts of highest score summed over its two layers;
+    at another E' the saved statistics give that count's top experts."""
+    import torch
+
+    from eep.methods.expert_scores import load_scores
+
+    app.run(config([*TINY, "search.init_from=[soft_activation]", "search.prune_budget=2", "search.merge_budget=0",
+                    "search.layer_groups=2"]), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
+    scores, info = load_scores(tmp_path / "run" / "statistics.safetensors", 4, 32)
+    assert info["requests"] == 20 and set(scores) == {"frequency", "soft_activation", "reap"}
+    soft = scores["soft_activation"]
+    kept = [sorted(torch.sort(soft[list(g)].double().sum(0), descending=True, stable=True).indices[:8].tolist())
+            for g in ((0, 1), (2, 3))]
+    assert rows[0]["genome"]["kept"] == kept and rows[0]["genome"]["groups"] == [[0, 1], [2, 3]]
+    cfg = config([*TINY, "search.num_experts=4", "search.top_k=2"])
+    single = method_genomes(cfg, ["soft_activation"], num_kept=4, top_k=2)["soft_activation"]
+    per_layer = [sorted(torch.sort(row.double(), descending=True, stable=True).indices[:4].tolist()) for row in soft]
+    assert [single.kept(i) for i in range(4)] == per_layer
+
+
+@pytest.mark.parametrize("fitness", ["likelihood", "agreement"])
+def test_a_dense_fitness_scores_the_full_model_and_ranks_candidates(tmp_path, fitness):
+    """``search.fitness``: the full model scores 1 on agreement (it is its own reference) and near 1 on likelihood;
+    a candidate keeping 4 of 32 experts scores lower; the final pick and the report stay on the task's metric."""
+    from eep.app.session import Session
+    from eep.genome import Genome
+
+    cfg = config([*TINY, f"search.fitness={fitness}"])
+    session = Session(cfg)
+    full = session.searcher.evaluate()
+    assert full.error is None and (full.fitness == pytest.approx(1.0, abs=1e-9) if fitness == "agreement"
+                                   else 0.9 < full.fitness <= 1.0)
+    assert list(full.metrics) == ["skills_count"] and list(full.metrics["skills_count"]) == [fitness]
+    poor = session.score(Genome.pruning([[0, 1, 2, 3]] * 4, 32, 4))
+    assert 0.0 <= poor.fitness < full.fitness - 0.05
+    report = app.run(config([*TINY, f"search.fitness={fitness}", "search.init_from=[]"]), tmp_path / "run")
+    assert report["search_full"]["fitness"] == pytest.approx(full.fitness)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
+    assert all(list(r["metrics"]["skills_count"]) == [fitness] for r in rows)
+    picked = report["validation_candidates"]  # re-scored on the task's own metric (exact match) to pick
+    assert report["validation"]["best_in_place"] == max(c["validation"] for c in picked)
+    assert {c["genome_hash"] for c in picked} <= {r["genome_hash"] for r in rows}

@@ -224,3 +224,19 @@ def test_eep_pruning_breeds_from_a_genome_already_in_the_archive():
     assert random_sum[29:].sum() < 2e-4
     assert sum(counts) >= 29, counts
     assert good.content_hash() not in {c.content_hash() for c in children}
+
+
+@pytest.mark.parametrize("name", ["DiscreteLenglerOnePlusOne", "NGOpt"])
+def test_a_nevergrad_optimiser_is_told_the_seeded_first_generation(name):
+    """The pruning phase's genomes already in the archive (``search.init_from``) are told to any optimiser
+    (nevergrad's tell-not-asked warm start), so it starts from the best of them."""
+    template = Genome.pruning([[0, 1, 2, 3]] * 2, 8, 2)
+    archive = Archive()
+    seeds = [Genome.pruning([[4, 5, 6, 7], [0, 2, 4, 6]], 8, 2), Genome.pruning([[1, 3, 5, 7]] * 2, 8, 2)]
+    for fitness, genome in zip((0.9, 0.4), seeds):
+        archive.add(genome, fitness, "prune")
+    proposer = make_proposer(name, "prune", archive, template, seed=0, budget=20)
+    told = proposer.optimizer.num_tell
+    assert told == 2
+    recommended = proposer.codec.decode(proposer.optimizer.provide_recommendation().value)
+    assert recommended.content_hash() == seeds[0].content_hash()

@@ -216,13 +216,29 @@ class Comparison:
 
     def _compute(self, method: str, kept: int, top_k: int, seed: int):
         from eep.methods import compute
+        from eep.methods.selection import pruning_result
 
         options = OmegaConf.to_container(self.cfg.compare.options.get(method, {})) \
             if self.cfg.compare.options else {}
         start = time.perf_counter()
-        result = compute(method, self.model, self.mat, self.calibration, num_kept=kept, top_k=top_k, seed=seed,
-                         **options)
+        saved = self._saved_scores()
+        if method in saved and not options:  # statistics=<file>: that run's scores, no calibration pass
+            result = pruning_result(method, self.mat, saved[method], kept, top_k, statistics=str(self.cfg.statistics))
+        else:
+            result = compute(method, self.model, self.mat, self.calibration, num_kept=kept, top_k=top_k, seed=seed,
+                             **options)
         return result, time.perf_counter() - start
+
+    def _saved_scores(self) -> dict:
+        """``statistics=<file>`` (an eep-search run's ``statistics.safetensors``): its per-expert scores."""
+        if not self.cfg.get("statistics"):
+            return {}
+        if "_scores" not in self.__dict__:
+            from eep.methods.expert_scores import load_scores
+
+            adapter = self.mat.adapter
+            self._scores = load_scores(self.cfg.statistics, len(adapter.layers), adapter.num_experts)[0]
+        return self._scores
 
     def _score_result(self, result) -> float:
         from eep.methods import applied, export_result

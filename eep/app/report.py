@@ -52,7 +52,9 @@ def write_report(run_dir: Path, report: dict) -> None:
              f"{report['experts']['after']} | {report['parameters']['after']['total']:,} |",
              f"| best (exported) | {t['best_exported']:.4f} | | {report['experts']['after']} | |", "",
              f"- test split: {report['test_split']}, limit {report['test_limit']}",
-             f"- distinct evaluations: {report['evaluations']}, search time {report['search_seconds']:.0f} s",
+             f"- distinct evaluations: {report['evaluations']}, search time {report['search_seconds']:.0f} s, "
+             f"{(report.get('cost') or {}).get('forward_tokens', 0):,} forward tokens (search fitness: "
+             f"{report.get('fitness', 'task')})",
              f"- greedy generation: full {report['generation']['full']['tokens_per_second']:.0f} tokens/s, exported "
              f"{report['generation']['exported']['tokens_per_second']:.0f} tokens/s; weights "
              f"{report['generation']['full']['weight_bytes'] / 2**20:.1f} -> "
@@ -128,6 +130,7 @@ def search_report(cfg, session, state, best, picked: dict, full: dict, exported,
         "parameters": {"before": parameter_counts(model, adapter),
                        "after": parameter_counts(model, adapter, best.num_kept)},
         "search_full": state.extra.get("baseline"), "search_seconds": search["search_seconds"],
+        "cost": search.get("cost"), "fitness": cfg.search.get("fitness", "task"),
         "evaluations": len(state.archive.entries), "generation": speed,
         "best_hash": best.content_hash(), "validation_candidates": picked["candidates"],
         "export": {"exact": exported.exact, "router_top_k_overlap": exported.router_top_k_overlap},

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from eep.errors import UserError
 from eep.genome import Genome
 from eep.search.run import STATE
+from eep.search.loop import Racing
 from eep.search.state import Phase, SearchState, load_checkpoint
 from eep.search.strategy import EEPSettings
 from eep.settings import check_parallel
@@ -57,9 +58,12 @@ def new_state(cfg: DictConfig, template: Genome, expert_groups: int) -> SearchSt
     plan = (Phase("prune", cfg.optimizer.prune_name, cfg.search.prune_budget),
             Phase("merge", cfg.optimizer.merge_name, cfg.search.merge_budget))
     settings = EEPSettings(**OmegaConf.to_container(cfg.search.eep))
+    racing = cfg.search.get("racing") or {}
+    share = racing.get("slice", 1.0)
     return SearchState(plan=plan, template=template, seed=cfg.seed, settings=settings, expert_groups=expert_groups,
                        ask_batch=check_parallel(cfg)[0],
-                       extra={"config_hash": config_hash(cfg), "versions": package_versions()})
+                       extra={"config_hash": config_hash(cfg), "versions": package_versions()},
+                       racing=None if share >= 1.0 else Racing(share, int(racing.get("top", 8))))
 
 
 def resumed_config(cfg: DictConfig, saved: DictConfig, overrides: list[str]) -> DictConfig:

@@ -108,37 +108,34 @@ def _baseline(cfg: DictConfig, state, workers, session: Session | None, run_dir:
                           f"searched; try {way_out}")
     if result.error:
         log.warning("the full model scores %s on the search split: %s", result.fitness, result.error)
-    state.extra["baseline"] = {"fitness": result.fitness, "metrics": result.metrics, "error": result.error}
+    state.extra["baseline"] = {"fitness": result.fitness, "metrics": result.metrics, "error": result.error,
+                               "forward_tokens": getattr(result, "forward_tokens", 0)}
     search_run.save_checkpoint(state, run_dir / search_run.STATE)
     log.info("full model on the search split: fitness %.4f", result.fitness)
 
 
 def _init_from(cfg: DictConfig, state, workers, session: Session | None, run_dir: Path, record) -> None:
-    """``search.init_from=<method>``: the method's genome (``eep.methods``, calibrated on the search split's first
-    ``evaluator.limit`` documents) is the run's first evaluation, in the pruning phase if it is a pruning genome
-    (it counts toward that budget) and the merging phase otherwise, so that the EEP strategy breeds from it. Once per
-    run: a resumed run already has it in its archive."""
-    from eep.methods import calibration_batch, compute
+    """``search.init_from``: the methods' genomes (:mod:`eep.app.seeding`) are the run's first evaluations, one
+    batch on the pool, committed together in the methods' order (pruning genomes in the pruning phase, counting
+    toward its budget; merging ones in the merging phase), so the search's first generation holds them. Once per
+    run: a resumed run has them in its archive (or, killed before the commit, computes the same ones again)."""
+    from eep.app.seeding import seed_genomes
 
-    method = cfg.search.init_from
-    if method is None or state.archive.entries or state.phase_index > 0:
+    if not settings.init_methods(cfg) or state.archive.entries or state.phase_index > 0:
         return
-    source = session or Session(cfg, search=False)
-    searcher = source.searcher or source.evaluator("search")
-    calibration = calibration_batch(source.model, source.tok, searcher, n=cfg.evaluator.limit or 64)
-    t = state.template
-    genome = compute(method, source.model, source.mat, calibration, num_kept=t.num_kept, top_k=t.top_k,
-                     seed=cfg.seed).genome
-    phase = "prune" if genome.is_pruning else "merge"
+    seeds = seed_genomes(cfg, session or Session(cfg, search=False), state.template, run_dir)
+    results = {}
 
     def done(genome, result) -> None:
+        results[genome.content_hash()] = result
+
+    workers.run([genome for _, genome in seeds], done)
+    for method, genome in seeds:
+        result, phase = results[genome.content_hash()], "prune" if genome.is_pruning else "merge"
         state.archive.add(genome, result.fitness, phase)
         record(genome, result, phase)
-        search_run.save_checkpoint(state, run_dir / search_run.STATE)
-
-    workers.run([genome], done)
-    log.info("search.init_from=%s: genome %s, fitness %.4f", method, genome.content_hash(),
-             state.archive.fitness(genome))
+        log.info("search.init_from: %s, genome %s, fitness %.4f", method, genome.content_hash(), result.fitness)
+    search_run.save_checkpoint(state, run_dir / search_run.STATE)
 
 
 def _finish(cfg, run_dir: Path, session: Session, state, rows, search: dict) -> dict:
@@ -150,6 +147,9 @@ def _finish(cfg, run_dir: Path, session: Session, state, rows, search: dict) -> 
     value = functools.partial(_reported, names=names)
     full = {"validation": value(validator.evaluate()), "test": value(tester.evaluate())}
     exported, reloaded = _export_best(cfg, run_dir, session, best, validator, tester, value)
+    search["cost"] = {"forward_tokens": int(sum(r.get("forward_tokens", 0) for r in rows.rows()) +
+                                            state.extra.get("baseline", {}).get("forward_tokens", 0)),
+                      "candidates": len(state.archive.entries), "seconds": round(search["search_seconds"], 2)}
     report = reports.search_report(cfg, session, state, best, picked, full, exported, search, tester,
                                    reports.measurements(session, best, reloaded, validator, run_dir))
     reports.write_report(run_dir, report)

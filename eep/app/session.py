@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -46,8 +47,20 @@ def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
                      progress=ev.progress and role == "search")
 
 
+def fitness_scorer(cfg: DictConfig, evaluator):
+    """What scores a candidate on the search split: ``evaluator`` itself (``search.fitness=task``, the task's
+    metric) or a :class:`~eep.evaluate.dense.DenseFitness` on its documents (``likelihood``, ``agreement``), built
+    now, on the unpatched model, since agreement reads the full model's side once."""
+    kind = cfg.search.get("fitness", "task")
+    if kind == "task":
+        return evaluator
+    from eep.evaluate.dense import DenseFitness
+
+    return DenseFitness(evaluator, kind, batch_size=cfg.evaluator.batch_size)
+
+
 class Session:
-    """One loaded model with its tokenizer and materialiser, and (``search=True``) its search-split Evaluator:
+    """One loaded model with its tokenizer and materialiser, and (``search=True``) its search-split fitness:
     what a serial search holds, what every Ray worker builds from the same config (:func:`replica_scorer`), and
     what ``eep-compare`` and ``eep-export`` score and export with."""
 
@@ -58,15 +71,29 @@ class Session:
         self.cfg = cfg
         self.model, self.tok = load_model(model_config(cfg))
         self.mat = Materializer(self.model)
-        self.searcher = self.evaluator("search") if search else None
+        self.search_tasks = self.evaluator("search") if search else None   # the task's metric on the search split
+        self.searcher = fitness_scorer(cfg, self.search_tasks) if search else None
+        self.slicer = None   # racing's first stage: the same fitness on the first documents of the search split
 
     def evaluator(self, role: str):
         """A new Evaluator of ``role`` on this session's model (:func:`make_evaluator`)."""
         return make_evaluator(self.cfg, self.model, self.tok, role)
 
-    def score(self, genome) -> Score:
-        """``genome`` applied and scored on the search split (:func:`eep.search.run.score`)."""
-        return score(self.mat, self.searcher, genome)
+    def score(self, genome, stage: str | None = None) -> Score:
+        """``genome`` applied and scored on the search split (:func:`eep.search.run.score`); ``stage="slice"``:
+        on its first ``search.racing.slice`` share of documents only (``fidelity`` records the share)."""
+        if stage is None:
+            return score(self.mat, self.searcher, genome)
+        if self.slicer is None:
+            share = float(self.cfg.search.racing.slice)
+            limit = self.cfg.evaluator.limit or max(self.search_tasks.documents().values())
+            sliced = OmegaConf.create(OmegaConf.to_container(self.cfg))
+            sliced.evaluator.limit = max(1, math.ceil(share * limit))
+            self.slicer = fitness_scorer(sliced, make_evaluator(sliced, self.model, self.tok, "search"))
+            self.slice_share = sliced.evaluator.limit / limit
+        result = score(self.mat, self.slicer, genome)
+        result.fidelity = self.slice_share
+        return result
 
     def gate_calibration(self, validator=None) -> dict:
         """The tokens merged gates are refit on at export: the first :data:`GATE_REFIT_DOCS` requests of the

@@ -143,7 +143,7 @@ class Evaluator:
             fitness = sum(w * metrics[t][m] for (t, m), w in self.weights.items())
             if not math.isfinite(fitness):
                 return Score(WORST_FITNESS, metrics, "non-finite fitness", time.perf_counter() - start)
-            return Score(fitness, metrics, None, time.perf_counter() - start)
+            return Score(fitness, metrics, None, time.perf_counter() - start, forward_tokens=self.forward_tokens())
         except Exception as err:  # containment: one bad candidate must not end a search
             log.warning("candidate evaluation failed: %r", err)
             return Score(WORST_FITNESS, {}, f"{type(err).__name__}: {err}", time.perf_counter() - start)
@@ -196,6 +196,22 @@ class Evaluator:
                 values = task.process_results(doc, [i.filtered_resps[filter_key] for i in insts])
                 for metric, value in values.items():
                     raw[(metric, filter_key)].append(value)
+
+    def documents(self) -> dict[str, int]:
+        """The number of documents scored per task."""
+        return {name: len(docs) for name, docs in self._docs.items()}
+
+    def forward_tokens(self) -> int:
+        """Token positions the last evaluation ran through the model (loglikelihood batches, and the generation
+        batches' prompts and generated steps; where HFLM's own methods ran, the requests' unpadded tokens)."""
+        total = 0
+        if self.encoded:
+            total += (self._loglikelihood.forward_tokens if self._loglikelihood else
+                      sum(len(ctx) + len(cont) for _, ctx, cont in self.encoded))
+        if "generate_until" in self.requests:
+            total += (self._generation.forward_tokens if self._generation else
+                      sum(len(self.lm.tok_encode(i.args[0])) for i in self.requests["generate_until"]))
+        return total
 
     def generation_scorer(self):
         """The prepared generation batches (a :class:`~eep.evaluate.generation.GenerationScorer`), or None where

@@ -74,6 +74,8 @@ class GenerationScorer:
     ``batch_size="auto"``.
     """
 
+    forward_tokens = 0   # of the last run: batch x (prompt + generated) positions
+
     def __init__(self, lm, batches: list[_GenBatch], order: list[int]):
         self.lm, self.batches, self.order = lm, batches, order
 
@@ -108,9 +110,10 @@ class GenerationScorer:
         """The generated text per instance, in the instances' order."""
         from lm_eval.models.utils import postprocess_generated_text
 
-        texts = []
+        texts, self.forward_tokens = [], 0
         for batch in tqdm(self.batches, disable=not progress, desc="generation batches"):
             out = self._generate(batch)
+            self.forward_tokens += out.numel()   # the prompt, then one position per row and generated step
             for row in out[:, batch.ids.shape[1]:].tolist():
                 texts.append(postprocess_generated_text(self.lm.tok_decode(row), batch.until, None))
         return [texts[i] for i in self.order]

@@ -117,6 +117,7 @@ class LoglikelihoodScorer:
 
     def __init__(self, lm, batches: list[_Batch], n: int):
         self.lm, self.batches, self.n = lm, batches, n
+        self.forward_tokens = sum(b.ids.numel() for b in batches)   # per run: batch x width of every forward
 
     @classmethod
     def build(cls, lm, requests: list) -> LoglikelihoodScorer | None:

@@ -50,6 +50,8 @@ class Batch:
     results: dict[str, object] = field(default_factory=dict)
     duplicates: int = 0
     exhausted: bool = False
+    partial: dict | None = None   # racing: content hash -> the slice's result, while the batch is in progress
+    cut: set | None = None        # racing: hashes whose slice result stands (not scored on the rest)
 
     def todo(self) -> list[Genome]:
         """Distinct genomes of the batch that have no result yet, in ask order."""
@@ -62,16 +64,32 @@ class Batch:
         return out
 
 
-class SerialPool:
-    """Evaluates the genomes of a batch one after another in this process with ``evaluate(genome) -> result``."""
+@dataclass(frozen=True)
+class Racing:
+    """Multi-fidelity scoring (``search.racing``): a new candidate is scored on the first ``slice`` share of the
+    search documents (``stage="slice"``), and on all of them only if that score reaches the ``top``-th best full
+    fitness in the archive (every candidate while fewer than ``top`` are fully scored). The decision is taken in the
+    driver once the whole batch's slice results are in, so it is the same for any pool and on resume."""
 
-    def __init__(self, evaluate: Callable[[Genome], object]):
+    slice: float = 0.25
+    top: int = 8
+
+    def threshold(self, archive: Archive) -> float | None:
+        full = sorted((f for f, _ in archive.scored()), reverse=True)
+        return full[self.top - 1] if len(full) >= self.top else None
+
+
+class SerialPool:
+    """Evaluates the genomes of a batch one after another in this process with ``evaluate(genome) -> result``
+    (``evaluate(genome, stage)`` for a racing stage other than the full one)."""
+
+    def __init__(self, evaluate: Callable[..., object]):
         self.evaluate = evaluate
 
-    def run(self, genomes: list[Genome], done: Callable[[Genome, object], None]) -> None:
+    def run(self, genomes: list[Genome], done: Callable[[Genome, object], None], stage: str | None = None) -> None:
         """Evaluate every genome and call ``done(genome, result)`` for each as it finishes."""
         for genome in genomes:
-            done(genome, self.evaluate(genome))
+            done(genome, self.evaluate(genome) if stage is None else self.evaluate(genome, stage))
 
 
 def as_pool(evaluate):
@@ -82,14 +100,15 @@ def as_pool(evaluate):
 def run_phase(proposer, archive: Archive, evaluate, phase: str, budget: int,
               on_evaluated: Callable[[Genome, object], None] | None = None, max_duplicates: int = 10_000,
               stop: Callable[[], bool] | None = None, ask_batch: int = 1, batch: Batch | None = None,
-              checkpoint: Callable[[], None] | None = None) -> int:
+              checkpoint: Callable[[], None] | None = None, racing: Racing | None = None) -> int:
     """Ask, evaluate and tell in batches (see the module's ordering rule) until the archive holds ``budget`` distinct
     genomes of ``phase``; return how many were evaluated now.
 
     ``evaluate``: ``genome -> fitness`` (or a result with ``.fitness``), or a pool with ``run(genomes, done)``.
     ``batch``: the pending batch to go on with (a resumed run) and to keep up to date for ``checkpoint()``.
     ``max_duplicates`` consecutive asks that bring nothing new end the phase early (the optimiser cannot find anything
-    new), and so does ``stop()`` turning true (a time limit), checked between batches.
+    new), and so does ``stop()`` turning true (a time limit), checked between batches. ``racing``: score new
+    genomes on a slice first (:class:`Racing`); those cut there enter the archive as partial.
     """
     pool, batch = as_pool(evaluate), Batch() if batch is None else batch
     save = checkpoint or (lambda: None)
@@ -100,7 +119,10 @@ def run_phase(proposer, archive: Archive, evaluate, phase: str, budget: int,
             if not batch.asks:
                 break
             save()
-        _evaluate(batch, pool, save)
+        if racing is None:
+            _evaluate(batch, pool, save)
+        else:
+            _race(batch, pool, save, racing, archive)
         evaluated += _commit(batch, proposer, archive, phase, on_evaluated)
         save()
     if archive.count(phase) >= budget or batch.exhausted:  # the phase is over: the next one starts afresh
@@ -114,7 +136,7 @@ def _fill(batch: Batch, proposer, archive: Archive, size: int, max_duplicates: i
     while len(distinct) < size:
         genome = proposer.ask()
         if genome in archive:
-            proposer.tell(genome, archive.fitness(genome))
+            _tell(proposer, archive, genome)
         else:
             batch.asks.append(genome)
         if genome in archive or genome.content_hash() in distinct:
@@ -144,16 +166,53 @@ def _evaluate(batch: Batch, pool, save: Callable[[], None]) -> None:
         pool.run(todo, done)
 
 
+def _tell(proposer, archive: Archive, genome: Genome) -> None:
+    """Tell ``genome``'s recorded fitness; a genome cut by racing is told so (``full=False``)."""
+    if archive.is_full(genome):
+        proposer.tell(genome, archive.fitness(genome))
+    else:
+        proposer.tell(genome, archive.fitness(genome), full=False)
+
+
+def _race(batch: Batch, pool, save: Callable[[], None], racing: Racing, archive: Archive) -> None:
+    """Racing: the slice for every new genome of the batch, then the rest for those that may enter the top."""
+    batch.partial = {} if batch.partial is None else batch.partial
+    first = [g for g in batch.todo() if g.content_hash() not in batch.partial]
+
+    def sliced(genome: Genome, result) -> None:
+        batch.partial[genome.content_hash()] = result
+        save()
+
+    if first:
+        pool.run(first, sliced, stage="slice")
+    threshold = racing.threshold(archive)
+    promoted, batch.cut = [], set()
+    for genome in batch.todo():
+        key = genome.content_hash()
+        if threshold is None or fitness_of(batch.partial[key]) >= threshold:
+            promoted.append(genome)
+        else:
+            batch.cut.add(key)
+            batch.results[key] = batch.partial[key]
+    _evaluate(batch, pool, save)
+
+
 def _commit(batch: Batch, proposer, archive: Archive, phase: str, on_evaluated) -> int:
-    """Add the batch's new genomes to the archive and tell every ask its fitness, in ask order; empty the batch."""
-    added = 0
+    """Add the batch's new genomes to the archive and tell every ask its fitness, in ask order; empty the batch.
+    A genome cut by racing is told its slice fitness capped at the worst fully scored one (never above a fully
+    scored genome) and kept out of the EEP strategy's parents."""
+    added, cut = 0, batch.cut or set()
+    floor = min((f for f, _ in archive.scored()), default=None)
     for genome in batch.asks:
-        result = batch.results[genome.content_hash()]
+        key = genome.content_hash()
+        result = batch.results[key]
+        full = key not in cut
+        fitness = fitness_of(result) if full or floor is None else min(fitness_of(result), floor)
         if genome not in archive:
-            archive.add(genome, fitness_of(result), phase)
+            archive.add(genome, fitness, phase, full=full)
             added += 1
             if on_evaluated is not None:
                 on_evaluated(genome, result)
-        proposer.tell(genome, fitness_of(result))
-    batch.asks, batch.results = [], {}
+        _tell(proposer, archive, genome)
+    batch.asks, batch.results, batch.partial, batch.cut = [], {}, None, None
     return added

@@ -85,12 +85,20 @@ class EEPOptimizer(ng.optimizers.base.Optimizer):
         self.gen = torch.Generator().manual_seed(seed)
         self.population: dict[str, tuple[float, Genome]] = {}
         self.pending: set[str] = set()
+        self.excluded: set[str] = set()
+
+    excluded: set | None = None   # class default: optimisers pickled before racing existed exclude nothing
+
+    def exclude(self, key: str) -> None:
+        """Keep genome ``key`` (scored on a slice only) out of the population: never a parent."""
+        self.excluded = (self.excluded or set()) | {key}
+        self.population.pop(key, None)
 
     def _internal_ask_candidate(self):
         for _ in range(self.redraws):
             genome = self._draw()
             key = genome.content_hash()
-            if key not in self.population and key not in self.pending:
+            if key not in self.population and key not in self.pending and key not in (self.excluded or ()):
                 break  # else: the reachable space is exhausted and the loop reuses the recorded fitness
         self.pending.add(key)
         return self.parametrization.spawn_child(new_value=self.codec.encode(genome))
@@ -98,7 +106,8 @@ class EEPOptimizer(ng.optimizers.base.Optimizer):
     def _internal_tell_candidate(self, candidate, loss: float) -> None:
         genome = self.codec.decode(candidate.value)
         self.pending.discard(genome.content_hash())
-        self.population.setdefault(genome.content_hash(), (-loss, genome))
+        if genome.content_hash() not in (self.excluded or ()):
+            self.population.setdefault(genome.content_hash(), (-loss, genome))
 
     def _draw(self) -> Genome:
         return self._draw_pruning() if self.codec.phase == "prune" else self._draw_merging()
@@ -148,7 +157,11 @@ class NevergradProposer:
         self.pending.setdefault(genome.content_hash(), []).append(candidate)
         return genome
 
-    def tell(self, genome: Genome, fitness: float) -> None:
+    def tell(self, genome: Genome, fitness: float, full: bool = True) -> None:
+        """Tell every pending ask of ``genome`` ``-fitness``; ``full=False`` (cut by racing): the EEP strategy also
+        keeps it out of its population, so it is never a parent."""
+        if not full and hasattr(self.optimizer, "exclude"):
+            self.optimizer.exclude(genome.content_hash())
         for candidate in self.pending.pop(genome.content_hash(), []):
             self.optimizer.tell(candidate, -fitness)
 
@@ -163,15 +176,18 @@ def make_proposer(name: str, phase: str, archive: Archive, template: Genome, see
                   settings: EEPSettings | None = None, budget: int | None = None,
                   expert_groups: int = 1) -> NevergradProposer:
     """``name='eep'`` for the EEP strategy, else a nevergrad registry name; ``template`` fixes shape and groups (for
-    merging: the best genome so far, around which a registry optimiser starts). The EEP strategy is told the archive
-    it may breed from: the pruning phase's genomes already there (a warm start, ``search.init_from``) or, for
-    merging, all of it."""
+    merging: the best genome so far, around which a registry optimiser starts). Every optimiser is told the pruning
+    phase's genomes already in the archive (the seeded first generation, ``search.init_from``; nevergrad's
+    tell-not-asked warm start); the EEP strategy's merging phase is told all of it."""
     if phase not in PHASES:
         raise ValueError(f"phase={phase!r}; choose one of {', '.join(PHASES)}")
     codec = Codec(phase, template, expert_groups)
     param = codec.parametrization()
     if name != "eep":
-        return NevergradProposer(nevergrad_optimizer(name, param, budget, seed), codec)
+        proposer = NevergradProposer(nevergrad_optimizer(name, param, budget, seed), codec)
+        if phase == "prune":
+            proposer.seed(archive.scored("prune"))
+        return proposer
     proposer = NevergradProposer(EEPOptimizer(param, codec=codec, settings=settings, seed=seed), codec)
     proposer.seed(archive.scored(None if phase == "merge" else "prune"))
     return proposer

@@ -53,13 +53,15 @@ def score(materializer, evaluator, genome: Genome) -> Score:
     except ValueError as err:
         return Score(WORST_FITNESS, error=str(err), applied=False)
     result = evaluator.evaluate()
-    return Score(result.fitness, result.metrics, result.error, round(time.perf_counter() - start, 4))
+    return Score(result.fitness, result.metrics, result.error, round(time.perf_counter() - start, 4),
+                 forward_tokens=result.forward_tokens)
 
 
 def row(genome: Genome, result: Score, phase: str) -> dict:
     """The ``evaluations.jsonl`` row of one evaluation (the genome itself unless the materialiser refused it)."""
     out = {"genome_hash": genome.content_hash(), "phase": phase, "fitness": result.fitness,
-           "metrics": result.metrics, "seconds": result.seconds, "error": result.error}
+           "metrics": result.metrics, "seconds": result.seconds, "error": result.error,
+           "forward_tokens": getattr(result, "forward_tokens", 0), "fidelity": getattr(result, "fidelity", 1.0)}
     return {**out, "genome": genome.to_dict()} if result.applied else out
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eep.genome import Genome
-from eep.search.loop import Batch, run_phase
+from eep.search.loop import Batch, Racing, run_phase
 from eep.search.archive import Archive
 from eep.search.proposers import make_proposer
 from eep.search.strategy import EEPSettings
@@ -48,6 +48,7 @@ class SearchState:
     ask_batch: int = 1
     batch: Batch | None = None
     extra: dict = field(default_factory=dict)   # what the caller needs on resume (config, hashes, versions)
+    racing: Racing | None = None                # multi-fidelity scoring (None: every candidate scored fully)
 
 
 def start_phase(state: SearchState) -> None:
@@ -80,7 +81,7 @@ def run_plan(state: SearchState, evaluate,
 
             run_phase(state.proposer, state.archive, evaluate, phase.name, phase.budget, after, stop=stop,
                       ask_batch=state.ask_batch, batch=state.batch,
-                      checkpoint=None if checkpoint is None else lambda: checkpoint(state))
+                      checkpoint=None if checkpoint is None else lambda: checkpoint(state), racing=state.racing)
             if stop is not None and stop() and state.archive.count(phase.name) < phase.budget:
                 return state
         state.phase_index += 1

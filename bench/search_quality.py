@@ -1,0 +1,186 @@
+"""Does the search beat the one-shot methods? Test scores and costs over a grid of settings: ``python bench/search_quality.py``.
+
+For each setting (model, task, E', k') every one-shot method of ``eep-compare`` runs once (its calibration as
+eep-compare's default; the methods are deterministic) and each search variant runs with seeds 0, 1, 2:
+``default`` (eep-search's defaults: seeded first generation, ``search.fitness`` as configured) and ``random_start``
+(``search.init_from=[] search.fitness=task search.racing.slice=1.0``: the paper's random start and scoring, so what
+seeding and racing add shows apart). Test score: the exported checkpoint's for the searches (a vanilla checkpoint, what a user ships), the
+method's in place for the one-shot methods (pruning methods export exactly; merging ones keep their in-place
+routing), both on the task's test split. Cost: forward tokens (token positions through the model during the search:
+``report.json`` ``cost.forward_tokens``), distinct evaluations and seconds. Rows are appended to
+``bench/results/<out>.jsonl`` as they finish (a rerun skips the rows already there), and the table (mean and standard
+error over seeds) is printed and written to ``bench/results/<out>.md``.
+
+    python bench/search_quality.py --settings mixtral                # skills-mixtral E' 2, 3, 4 on every skill + all
+    python bench/search_quality.py --settings olmoe,top1             # skills-olmoe E' 4, 8; k' = 1 with all experts
+    python bench/search_quality.py --settings mixtral-e2 --variants seeded_task,seeded_agreement --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from record import code, machine  # noqa: E402
+
+SKILLS = ["add", "reverse", "sort", "copy", "lookup", "count"]
+ONE_SHOT = ["frequency", "soft_activation", "reap", "enumeration", "enumeration_progressive", "m_smoe", "hc_smoe"]
+VARIANTS = {
+    "default": [],
+    "random_start": ["search.init_from=[]", "search.fitness=task", "search.racing.slice=1.0"],
+    "seeded_task": ["search.fitness=task"],
+    "seeded_agreement": ["search.fitness=agreement"],
+    "seeded_likelihood": ["search.fitness=likelihood"],
+    # nevergrad's optimisers as the population manager, same budget, same seeded first generation
+    "ng_lengler": ["optimizer.prune_name=DiscreteLenglerOnePlusOne"],
+    "ng_portfolio": ["optimizer.prune_name=PortfolioDiscreteOnePlusOne"],
+    "ngopt": ["optimizer.prune_name=NGOpt", "optimizer.merge_name=NGOpt"],
+    "cma_merge": ["optimizer.merge_name=CMA"],
+}
+
+
+def settings_of(names: str) -> list[dict]:
+    """The grid's settings by group name (comma-separated): mixtral, mixtral-e2/e3/e4, olmoe, top1."""
+    out = []
+    for name in names.split(","):
+        if name == "mixtral" or name.startswith("mixtral-e"):
+            counts = [2, 3, 4] if name == "mixtral" else [int(name[len("mixtral-e"):])]
+            out += [{"model": "skills_mixtral", "task": t, "num_experts": e, "top_k": None}
+                    for e in counts for t in [*(f"skills_{s}" for s in SKILLS), "skills_all"]]
+        elif name == "olmoe":
+            out += [{"model": "skills_olmoe", "task": t, "num_experts": e, "top_k": None}
+                    for e in (4, 8) for t in ("skills_sort", "skills_add")]
+        elif name == "top1":
+            out += [{"model": "skills_mixtral", "task": t, "num_experts": 8, "top_k": 1}
+                    for t in ("skills_sort", "skills_all")]
+        else:
+            raise SystemExit(f"--settings: unknown group {name!r}; use mixtral, mixtral-e2, mixtral-e3, mixtral-e4, "
+                             f"olmoe, top1")
+    return out
+
+
+def overrides(setting: dict) -> list[str]:
+    out = [f"model={setting['model']}", f"task={setting['task']}", f"search.num_experts={setting['num_experts']}"]
+    if setting["top_k"] is not None:
+        out.append(f"search.top_k={setting['top_k']}")
+    if setting["task"] == "skills_all":
+        out.append("compare.calibration=skills_all")
+    return out
+
+
+def key(setting: dict) -> str:
+    k = "" if setting["top_k"] is None else f"_k{setting['top_k']}"
+    return f"{setting['model']}_{setting['task']}_E{setting['num_experts']}{k}"
+
+
+def compose(name: str, items: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import eep
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(eep.conf_dir())):
+        return hydra_compose(config_name=name, overrides=items)
+
+
+def one_shot_rows(setting: dict, work: Path) -> list[dict]:
+    """Every one-shot method at this setting, through eep-compare's own code (calibration as its default)."""
+    from eep.app.compare import run as compare
+
+    rows = compare(compose("eep_compare", [*overrides(setting), f"compare.methods=[{','.join(ONE_SHOT)}]"]),
+                   work / "compare")
+    return [{"setting": key(setting), "method": r.method, "seed": None, "test": r.test_score, "seconds": r.seconds,
+             "forward_tokens": None, "evaluations": None, "notes": r.notes} for r in rows]
+
+
+def search_row(setting: dict, variant: str, seed: int, work: Path) -> dict:
+    from eep.app.search import run as search
+
+    items = [o for o in overrides(setting) if not o.startswith("compare.")]
+    start = time.time()
+    report = search(compose("eep_search", [*items, *VARIANTS[variant], f"seed={seed}"]), work / f"{variant}_{seed}")
+    cost = report.get("cost") or {}
+    return {"setting": key(setting), "method": f"eep:{variant}", "seed": seed, "test": report["test"]["best_exported"],
+            "in_place": report["test"]["best_in_place"], "full": report["test"]["full"],
+            "seconds": round(report["search_seconds"], 1), "wall_seconds": round(time.time() - start, 1),
+            "forward_tokens": cost.get("forward_tokens"), "evaluations": report["evaluations"],
+            "fitness": report.get("fitness"), "notes": "" if report["export"]["exact"] else "merging genome exported"}
+
+
+def table(rows: list[dict]) -> str:
+    """Per setting: the full model, every method (mean +- standard error over seeds) and the verdict."""
+    lines = ["| setting | full | best one-shot | " + " | ".join(f"eep {v}" for v in VARIANTS) + " | verdict |",
+             "|---|---|---|" + "---|" * len(VARIANTS) + "---|"]
+    for setting in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == setting]
+        full = next((r["test"] for r in mine if r["method"] == "full"), float("nan"))
+        shots = [r for r in mine if r["method"] in ONE_SHOT]
+        best = max(shots, key=lambda r: r["test"]) if shots else None
+        cells, verdict = [], ""
+        for variant in VARIANTS:
+            runs = [r["test"] for r in mine if r["method"] == f"eep:{variant}"]
+            if not runs:
+                cells.append("")
+                continue
+            mean = statistics.fmean(runs)
+            se = statistics.stdev(runs) / math.sqrt(len(runs)) if len(runs) > 1 else 0.0
+            tokens = statistics.fmean(r["forward_tokens"] or 0 for r in mine if r["method"] == f"eep:{variant}")
+            cells.append(f"{mean:.3f} +- {se:.3f} ({len(runs)} seeds, {tokens / 1e6:.2f}M tok)")
+            if variant == "default" and best is not None:
+                margin = 0.05 if best["test"] < 0.95 * full else 0.0
+                verdict = ("beats" if mean >= best["test"] + margin else "equal (within 1 s.e.)"
+                           if mean + se >= best["test"] else "short") + f" (needs >= {best['test'] + margin:.3f})"
+        shot = f"{best['method']} {best['test']:.3f}" if best else ""
+        lines.append(f"| {setting} | {full:.3f} | {shot} | " + " | ".join(cells) + f" | {verdict} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="mixtral,olmoe,top1")
+    parser.add_argument("--variants", default="default,random_start")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--no-one-shot", action="store_true", help="only the search variants")
+    parser.add_argument("--out", default="search_quality")
+    parser.add_argument("--work", default="runs/bench_search_quality", help="run folders of the searches")
+    args = parser.parse_args()
+    from eep.logs import quiet_third_party
+
+    quiet_third_party(True)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; use {', '.join(VARIANTS)}")
+    out = HERE / "results" / f"{args.out}.jsonl"
+    done = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    seen = {(r["setting"], r["method"], r["seed"]) for r in done}
+    with out.open("a") as fh:
+        for setting in settings_of(args.settings):
+            work = Path(args.work) / key(setting)
+            todo = []
+            if not args.no_one_shot and (key(setting), "full", None) not in seen:
+                todo.append(lambda: one_shot_rows(setting, work))
+            for variant in variants:
+                for seed in (int(s) for s in args.seeds.split(",")):
+                    if (key(setting), f"eep:{variant}", seed) not in seen:
+                        todo.append(lambda v=variant, s=seed: [search_row(setting, v, s, work)])
+            for job in todo:
+                for row in job():
+                    row["machine"], row["code"] = machine(), code()
+                    fh.write(json.dumps(row) + "\n")
+                    fh.flush()
+                    done.append(row)
+                    print(json.dumps({k: row[k] for k in ("setting", "method", "seed", "test", "seconds")}),
+                          flush=True)
+    text = table(done)
+    (HERE / "results" / f"{args.out}.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

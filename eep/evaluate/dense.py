@@ -1,0 +1,172 @@
+"""Dense, cheap search fitness: one teacher-forced forward per document instead of the task's own metric.
+
+``search.fitness=likelihood``: the reference answers' likelihood, the mean over answer tokens of ``p(token)`` given
+everything before it (generation tasks: the document's target after its prompt; multiple-choice tasks: the gold
+choice after its context), continuous where exact match is flat, and no generation loop (the arithmetic mean of
+the probabilities, not ``exp`` of the mean log-probability, which is 0 to four digits for most bad candidates). ``search.fitness=agreement``: label-free,
+the mean over answer positions of ``sum_v min(p_v, q_v)``, the overlap of the candidate's next-token distribution
+``p`` with the full model's ``q`` (EvoESAP, arXiv 2603.06003), teacher-forced on the task's prompts followed by the
+full model's own greedy answers (generation tasks) or by every choice (multiple-choice tasks). The full model's side
+(its answers and, per position, its top-``K`` probabilities plus the remaining mass) is computed once, when the
+scorer is built, on the unpatched model: ``sum_v min(p_v, q_v)`` is then taken over ``q``'s top ``K`` tokens plus
+``min(p_rest, q_rest)`` for the rest (exact when ``K`` covers the vocabulary). Both lie in [0, 1] (1: the full model
+itself, for agreement), the units the EEP strategy's margins are set in. Per task the mean over its documents'
+answer positions; tasks weighted as the Evaluator weights them. docs/methods.md section 7.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from eep.evaluate.score import WORST_FITNESS, Score
+
+KINDS = ("likelihood", "agreement")
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor        # long[B, S], right-padded
+    mask: torch.Tensor       # long[B, S]
+    rows: torch.Tensor       # long[N]: batch row of each scored position
+    cols: torch.Tensor       # long[N]: the position whose logits predict the token
+    targets: torch.Tensor    # long[N]: the token predicted (likelihood)
+    task: torch.Tensor       # long[N]: index of the position's task
+
+
+class DenseFitness:
+    """``evaluate()`` -> :class:`Score` of the model as it is now, from one teacher-forced pass over ``evaluator``'s
+    documents (an :class:`~eep.evaluate.evaluator.Evaluator` built on the unpatched model: its requests, tasks and
+    weights). ``kind``: ``likelihood`` or ``agreement``; ``top``: ``K``, the full model's probabilities kept per
+    position. ``forward_tokens``: token positions one evaluation runs through the model."""
+
+    def __init__(self, evaluator, kind: str, *, batch_size: int = 64, top: int = 64):
+        if kind not in KINDS:
+            raise ValueError(f"search.fitness={kind!r}: use task, {', '.join(KINDS)}")
+        self.evaluator, self.kind, self.model = evaluator, kind, evaluator.model
+        self.tasks, self.requests, self.role = evaluator.tasks, evaluator.requests, evaluator.role
+        self.names = list(evaluator.tasks)
+        weights = {name: sum(w for (t, _), w in evaluator.weights.items() if t == name) for name in self.names}
+        total = sum(weights.values()) or 1.0
+        self.task_weights = torch.tensor([weights[n] / total for n in self.names], dtype=torch.float64)
+        pairs = self._pairs()
+        self.batches = self._layout(pairs, batch_size)
+        self.forward_tokens = int(sum(b.ids.numel() for b in self.batches))
+        self.reference = self._reference(top) if kind == "agreement" else None
+
+    # ------------------------------------------------------------------ set-up (once)
+    def _pairs(self) -> list[tuple[int, list[int], list[int]]]:
+        """``(task index, context ids, answer ids)`` per scored sequence."""
+        tok, out = self.evaluator.lm.tokenizer, []
+        answers = self._full_answers() if self.kind == "agreement" else None
+        for inst_i, inst in enumerate(self.requests.get("generate_until", [])):
+            task = self.tasks[inst.task_name]
+            answer = answers[inst_i] if answers is not None else _reference_answer(task, inst.doc)
+            out.append((self.names.index(inst.task_name), inst.args[0], answer))
+        for inst in self.requests.get("loglikelihood", []):
+            if self.kind == "likelihood" and inst.idx != _gold_index(self.tasks[inst.task_name], inst.doc):
+                continue
+            out.append((self.names.index(inst.task_name), inst.args[0], inst.args[1]))
+        encoded = []
+        for task, context, answer in out:
+            ctx = tok(context, add_special_tokens=False)["input_ids"]
+            ans = tok(answer, add_special_tokens=False)["input_ids"]
+            if ans:
+                encoded.append((task, ctx, ans))
+        return encoded
+
+    def _full_answers(self) -> list[str]:
+        """The full model's greedy answers to the generation requests, as the Evaluator generates them."""
+        reqs = self.requests.get("generate_until", [])
+        if not reqs:
+            return []
+        gen = self.evaluator.generation_scorer()
+        texts = gen.run(False) if gen is not None else self.evaluator.lm.generate_until(reqs, disable_tqdm=True)
+        return [t if t.strip() else "\n" for t in texts]
+
+    def _layout(self, pairs, batch_size: int) -> list[_Batch]:
+        pad = self.evaluator.lm.tokenizer.pad_token_id or 0
+        device = next(self.model.parameters()).device
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][1]) + len(pairs[i][2])))
+        batches = []
+        for start in range(0, len(order), batch_size):
+            chunk = [pairs[i] for i in order[start:start + batch_size]]
+            width = max(len(c) + len(a) for _, c, a in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            rows, cols, targets, tasks = [], [], [], []
+            for r, (task, ctx, ans) in enumerate(chunk):
+                seq = ctx + ans
+                ids[r, :len(seq)] = torch.tensor(seq)
+                mask[r, :len(seq)] = 1
+                for j, token in enumerate(ans):
+                    rows.append(r), cols.append(len(ctx) + j - 1), targets.append(token), tasks.append(task)
+            batches.append(_Batch(ids.to(device), mask.to(device), torch.tensor(rows), torch.tensor(cols),
+                                  torch.tensor(targets), torch.tensor(tasks)))
+        return batches
+
+    @torch.no_grad()
+    def _reference(self, top: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per batch, the full model's ``(top-K probabilities float[N, K], their token ids long[N, K], the rest's
+        mass float[N])`` at the scored positions."""
+        out = []
+        for b in self.batches:
+            probs = self._probs(b)
+            k = min(top, probs.shape[-1])
+            values, idx = probs.topk(k, dim=-1)
+            out.append((values, idx, (1.0 - values.sum(-1)).clamp(min=0.0)))
+        return out
+
+    def _probs(self, b: _Batch) -> torch.Tensor:
+        logits = self.model(input_ids=b.ids, attention_mask=b.mask).logits
+        return F.softmax(logits[b.rows.to(logits.device), b.cols.to(logits.device)].double(), dim=-1).cpu()
+
+    # ------------------------------------------------------------------ per candidate
+    @torch.no_grad()
+    def evaluate(self) -> Score:
+        """The fitness of the model as it is now; never raises for a failing candidate (worst fitness, reason)."""
+        start = time.perf_counter()
+        try:
+            sums = torch.zeros(len(self.names), dtype=torch.float64)
+            counts = torch.zeros(len(self.names), dtype=torch.float64)
+            for i, b in enumerate(self.batches):
+                probs = self._probs(b)
+                if not torch.isfinite(probs).all():
+                    return Score(WORST_FITNESS, {}, "non-finite logits", time.perf_counter() - start)
+                sums.index_add_(0, b.task, self._values(i, b, probs))
+                counts.index_add_(0, b.task, torch.ones(len(b.task), dtype=torch.float64))
+            per_task = sums / counts.clamp(min=1)
+            fitness = float((per_task * self.task_weights).sum())
+            metrics = {name: {self.kind: float(v)} for name, v in zip(self.names, per_task)}
+            if not math.isfinite(fitness):
+                return Score(WORST_FITNESS, metrics, "non-finite fitness", time.perf_counter() - start)
+            return Score(fitness, metrics, None, time.perf_counter() - start, forward_tokens=self.forward_tokens)
+        except Exception as err:  # containment: one bad candidate must not end a search
+            return Score(WORST_FITNESS, {}, f"{type(err).__name__}: {err}", time.perf_counter() - start)
+
+    def _values(self, i: int, b: _Batch, probs: torch.Tensor) -> torch.Tensor:
+        """Per scored position: ``p(target)`` (likelihood) or ``sum_v min(p_v, q_v)`` (agreement)."""
+        if self.kind == "likelihood":
+            return probs.gather(1, b.targets[:, None])[:, 0]
+        q, idx, rest = self.reference[i]
+        p = probs.gather(1, idx)
+        return torch.minimum(p, q).sum(-1) + torch.minimum((1.0 - p.sum(-1)).clamp(min=0.0), rest)
+
+
+def _reference_answer(task, doc) -> str:
+    """A generation document's target (the first of several), as lm-eval renders it."""
+    target = task.doc_to_target(doc)
+    if isinstance(target, int) and task.config.doc_to_choice is not None:
+        target = task.doc_to_choice(doc)[target]
+    return str(target[0] if isinstance(target, list) else target)
+
+
+def _gold_index(task, doc) -> int:
+    """A multiple-choice document's gold choice index (the first of several)."""
+    gold = task.doc_to_target(doc)
+    if isinstance(gold, str):
+        gold = task.doc_to_choice(doc).index(gold)
+    return int(gold[0] if isinstance(gold, list) else gold)
