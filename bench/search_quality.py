@@ -34,6 +34,7 @@ ONE_SHOT = ["frequency", "soft_activation", "reap", "enumeration", "enumeration_
 VARIANTS = {
     "default": [],
     "random_start": ["search.init_from=[]", "search.fitness=task", "search.racing.slice=1.0"],
+    "random_racing": ["search.init_from=[]", "search.fitness=task"],   # the paper's start, racing on
     "seeded_task": ["search.fitness=task"],
     "seeded_agreement": ["search.fitness=agreement"],
     "seeded_likelihood": ["search.fitness=likelihood"],
@@ -140,6 +141,52 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_analysis(work: Path) -> dict:
+    """From the search runs' folders: what the merging phase adds (best full search fitness of each phase, final
+    pick's kind, in place vs exported test score) and the forward tokens each variant needed to reach the final
+    search fitness of ``random_start`` with the same seed (full-fidelity rows only)."""
+    runs = {}
+    for report in sorted(work.glob("*/*/report.json")):
+        folder = report.parent
+        rows = [json.loads(line) for line in (folder / "evaluations.jsonl").read_text().splitlines()]
+        rep = json.loads(report.read_text())
+        full = [r for r in rows if r.get("fidelity", 1.0) == 1.0]
+        best = {ph: max((r["fitness"] for r in full if r["phase"] == ph), default=None) for ph in ("prune", "merge")}
+        spent, curve = (rep.get("search_full") or {}).get("forward_tokens", 0), []
+        for r in rows:
+            spent += r.get("forward_tokens", 0)
+            if r.get("fidelity", 1.0) == 1.0:
+                curve.append((spent, r["fitness"]))
+        runs[(folder.parent.name, folder.name)] = {"best": best, "merging_final": not rep["export"]["exact"],
+                                                   "in_place": rep["test"]["best_in_place"],
+                                                   "exported": rep["test"]["best_exported"], "curve": curve,
+                                                   "total": (rep.get("cost") or {}).get("forward_tokens")}
+    merging = [r for r in runs.values() if r["best"]["merge"] is not None and r["best"]["prune"] is not None]
+    out = {"runs": len(runs), "merge_phase_gain_search": statistics.fmean(r["best"]["merge"] - r["best"]["prune"]
+                                                                          for r in merging) if merging else None,
+           "final_is_merging": sum(r["merging_final"] for r in runs.values()),
+           "exported_minus_in_place_when_merging": [round(r["exported"] - r["in_place"], 4) for r in runs.values()
+                                                    if r["merging_final"]], "tokens_to_reach": {}}
+    for (setting, name), run in runs.items():
+        variant, seed = name.rsplit("_", 1)
+        ref = runs.get((setting, f"random_start_{seed}"))
+        if ref is None or variant == "random_start" or not ref["curve"]:
+            continue
+        target = max(f for _, f in ref["curve"])
+        reached = next((t for t, f in _running_best(run["curve"]) if f >= target), None)
+        out["tokens_to_reach"].setdefault(variant, []).append(
+            {"setting": setting, "seed": int(seed), "target": target, "tokens": reached, "reference": ref["total"],
+             "ratio": None if reached is None or not ref["total"] else round(reached / ref["total"], 3)})
+    return out
+
+
+def _running_best(curve):
+    best = float("-inf")
+    for tokens, fitness in curve:
+        best = max(best, fitness)
+        yield tokens, best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default="mixtral,olmoe,top1")
@@ -148,7 +195,17 @@ def main() -> None:
     parser.add_argument("--no-one-shot", action="store_true", help="only the search variants")
     parser.add_argument("--out", default="search_quality")
     parser.add_argument("--work", default="runs/bench_search_quality", help="run folders of the searches")
+    parser.add_argument("--analyse", action="store_true", help="only the analysis of the run folders under --work")
     args = parser.parse_args()
+    if args.analyse:
+        result = run_analysis(Path(args.work))
+        (HERE / "results" / f"{args.out}_analysis.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "tokens_to_reach"}, indent=1))
+        for variant, items in result["tokens_to_reach"].items():
+            ratios = [i["ratio"] for i in items if i["ratio"] is not None]
+            print(f"{variant}: reached random_start's final search fitness in {len(ratios)} of {len(items)} runs; "
+                  f"median tokens ratio {statistics.median(ratios) if ratios else float('nan'):.3f}")
+        return
     from eep.logs import quiet_third_party
 
     quiet_third_party(True)

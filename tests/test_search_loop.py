@@ -240,3 +240,34 @@ def test_a_nevergrad_optimiser_is_told_the_seeded_first_generation(name):
     assert told == 2
     recommended = proposer.codec.decode(proposer.optimizer.provide_recommendation().value)
     assert recommended.content_hash() == seeds[0].content_hash()
+
+
+def test_racing_scores_the_rest_only_for_candidates_that_may_enter_the_top():
+    """``Racing(slice, top=3)``: every candidate is scored on the slice (here the fitness minus 0.1, a pessimistic
+    estimate); while fewer than 3 are fully scored everyone is promoted, later only those whose slice score reaches
+    the 3rd best full fitness. A cut candidate is in the archive as partial, told its slice score capped at the worst
+    full fitness, and never the best, a parent of the EEP strategy, or among ``scored()``."""
+    from eep.evaluate.score import Score
+    from eep.search.loop import Racing, SerialPool
+
+    stages = []
+
+    def evaluate(genome, stage=None):
+        stages.append(stage)
+        f = subset_fitness(genome)
+        return Score(f - 0.1, fidelity=0.25) if stage == "slice" else Score(f)
+
+    archive = Archive()
+    template = Genome.pruning([[0, 1, 2, 3]] * 3, 8, 2)
+    proposer = make_proposer("eep", "prune", archive, template, seed=0, settings=EEPSettings(population=6))
+    run_phase(proposer, archive, SerialPool(evaluate), "prune", 40, racing=Racing(0.25, 3))
+    partial = archive.partial
+    assert len(archive.entries) == 40 and 0 < len(partial) < 40
+    assert stages.count("slice") == 40 and stages.count(None) == 40 - len(partial)
+    full = {g.content_hash(): f for f, g in archive.scored()}
+    assert not set(full) & partial and archive.best()[1].content_hash() in full
+    worst = min(full.values())
+    for key in partial:
+        fitness, genome, _ = archive.entries[key]
+        assert fitness <= worst and fitness <= subset_fitness(genome) - 0.1 + 1e-9
+    assert not partial & set(proposer.optimizer.population)
