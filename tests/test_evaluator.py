@@ -121,6 +121,14 @@ def test_weighted_fitness_and_group_metrics(shipped):
                                                    ("add", "reverse", "sort", "copy", "lookup", "count")}
     assert score.fitness == pytest.approx(2.0 * score.metrics["skills_all"]["exact_match"])
     assert ev.describe()["skills_add"]["search"] == {"split": "search", "docs": None, "partition": False}
+    # calibration from a group takes each task's documents in turn: 12 requests = the first two of all six skills
+    from eep.evaluate.calibration import calibration_tokens, document_text
+
+    tok = shipped[1]
+    batch = calibration_tokens(ev, tok, n=12)
+    texts = tok.batch_decode([ids[mask.bool()] for ids, mask in zip(batch["input_ids"], batch["attention_mask"])])
+    firsts = {name: [document_text(ev, inst) for inst in ev.tasks[name].instances[:2]] for name in ev.tasks}
+    assert sorted(texts) == sorted(t for pair in firsts.values() for t in pair)
 
 
 def test_failing_candidates_get_the_worst_fitness_and_the_evaluator_recovers(shipped, evaluator, monkeypatch):

@@ -26,9 +26,15 @@ def document_text(evaluator, inst) -> str:
 
 def calibration_tokens(evaluator, tokenizer, n: int = 64, padding_side: str = "right",
                        prompts_only: bool = False) -> dict:
-    """``{"input_ids", "attention_mask"}`` of the first ``n`` documents the evaluator scores, with their answers
+    """``{"input_ids", "attention_mask"}`` of the first ``n`` requests the evaluator scores, with their answers
     (so that refit gates see the positions where answers are generated); ``prompts_only`` and left padding for
-    generation."""
-    insts = [inst for reqs in evaluator.requests.values() for inst in reqs][:n]
+    generation. With several tasks the requests are taken from each task in turn (the first of every task, then
+    the second, ...), so ``n`` requests of a six-skill group cover all six skills, not only the first."""
+    by_task: dict[str, list] = {}
+    for reqs in evaluator.requests.values():
+        for inst in reqs:
+            by_task.setdefault(inst.task_name, []).append(inst)
+    queues = list(by_task.values())
+    insts = [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)][:n]
     texts = [inst.args[0] if prompts_only else document_text(evaluator, inst) for inst in insts]
     return encode(tokenizer, texts, next(evaluator.model.parameters()).device, padding_side)
