@@ -134,7 +134,7 @@ def table(rows: list[dict]) -> str:
             cells.append(f"{mean:.3f} +- {se:.3f} ({len(runs)} seeds, {tokens / 1e6:.2f}M tok)")
             if variant == "default" and best is not None:
                 margin = 0.05 if best["test"] < 0.95 * full else 0.0
-                verdict = ("beats" if mean >= best["test"] + margin else "equal (within 1 s.e.)"
+                verdict = ("meets target" if mean >= best["test"] + margin else "equal (within 1 s.e.)"
                            if mean + se >= best["test"] else "short") + f" (needs >= {best['test'] + margin:.3f})"
         shot = f"{best['method']} {best['test']:.3f}" if best else ""
         lines.append(f"| {setting} | {full:.3f} | {shot} | " + " | ".join(cells) + f" | {verdict} |")
