@@ -186,17 +186,20 @@ def test_a_sigkilled_comparison_resumes_to_the_uninterrupted_table(tmp_path, ref
 
 
 def test_a_search_stopped_at_its_time_limit_stops_the_comparison_resumably(tmp_path, capsys):
+    """The random start (``search.init_from=[]``): with the default seeds the first generation, one batch, would
+    fill this 4-evaluation budget before the time limit is checked (it is checked between batches)."""
     run_dir = tmp_path / "c"
-    stopped = [*SMALL, "compare.methods=[frequency,eep]", "search.time_limit=0.000001"]
+    stopped = [*SMALL, "compare.methods=[frequency,eep]", "search.time_limit=0.000001", "search.init_from=[]"]
     assert compare.run(config(stopped), run_dir) is None
     assert f"resume with resume={run_dir}" in capsys.readouterr().out
     assert not (run_dir / "compare.csv").exists() and not (run_dir / "eep_E4" / "report.json").exists()
     assert [r.method for r in compare.load_rows(run_dir / "compare.jsonl")] == ["full", "frequency"]
     # the time limit is part of the run's config: lifting it is a change, accepted with resume_force=true
     with pytest.raises(UserError, match="resume_force=true"):
-        compare.run(config([*SMALL, "compare.methods=[frequency,eep]", f"resume={run_dir}"]), run_dir)
-    rows = compare.run(config([*SMALL, "compare.methods=[frequency,eep]", f"resume={run_dir}", "resume_force=true"]),
-                       run_dir)
+        compare.run(config([*SMALL, "compare.methods=[frequency,eep]", "search.init_from=[]", f"resume={run_dir}"]),
+                    run_dir)
+    rows = compare.run(config([*SMALL, "compare.methods=[frequency,eep]", "search.init_from=[]", f"resume={run_dir}",
+                               "resume_force=true"]), run_dir)
     assert [r.method for r in rows] == ["full", "frequency", "eep"] and rows[2].notes.endswith(", 4 evaluations")
     assert len((run_dir / "eep_E4" / "evaluations.jsonl").read_text().splitlines()) == 4
 
