@@ -73,7 +73,7 @@ def _run(cfg: DictConfig, run_dir: Path, state, full) -> dict:
                 rows.append(search_run.row(genome, result, phase))
                 bar(genome, result, phase)
 
-            _init_from(cfg, state, workers, session, run_dir, record)
+            session = _init_from(cfg, state, workers, session, run_dir, record)
             state = search_run.search(state, workers, run_dir, cfg.search.time_limit, on_evaluated=record,
                                       max_failed=cfg.search.get("max_failed_candidates", 5))
         restarts = list(getattr(workers, "events", []))
@@ -104,8 +104,8 @@ def _baseline(cfg: DictConfig, state, workers, session: Session | None, run_dir:
                    f"the batch size, so eep does not change it silently)" if batch > 1 else
                    "check that the model runs under plain lm_eval --model hf with these tasks")
         raise UserError(f"the full model cannot be evaluated on {', '.join(names)} (search split, "
-                          f"evaluator.batch_size={batch}): {str(result.error).splitlines()[0]}; nothing was "
-                          f"searched; try {way_out}")
+                        f"evaluator.batch_size={batch}): {str(result.error).splitlines()[0]}; nothing was "
+                        f"searched; try {way_out}")
     if result.error:
         log.warning("the full model scores %s on the search split: %s", result.fitness, result.error)
     state.extra["baseline"] = {"fitness": result.fitness, "metrics": result.metrics, "error": result.error,
@@ -114,16 +114,18 @@ def _baseline(cfg: DictConfig, state, workers, session: Session | None, run_dir:
     log.info("full model on the search split: fitness %.4f", result.fitness)
 
 
-def _init_from(cfg: DictConfig, state, workers, session: Session | None, run_dir: Path, record) -> None:
+def _init_from(cfg: DictConfig, state, workers, session: Session | None, run_dir: Path, record) -> Session | None:
     """``search.init_from``: the methods' genomes (:mod:`eep.app.seeding`) are the run's first evaluations, one
     batch on the pool, committed together in the methods' order (pruning genomes in the pruning phase, counting
     toward its budget; merging ones in the merging phase), so the search's first generation holds them. Once per
-    run: a resumed run has them in its archive (or, killed before the commit, computes the same ones again)."""
+    run: a resumed run has them in its archive (or, killed before the commit, computes the same ones again).
+    Returns the session it used (a parallel run loads one in this process for the seeds; the final pick reuses it)."""
     from eep.app.seeding import seed_genomes
 
     if not settings.init_methods(cfg) or state.archive.entries or state.phase_index > 0:
-        return
-    seeds = seed_genomes(cfg, session or Session(cfg, search=False), state.template, run_dir)
+        return session
+    session = session or Session(cfg, search=False)
+    seeds = seed_genomes(cfg, session, state.template, run_dir)
     results = {}
 
     def done(genome, result) -> None:
@@ -136,6 +138,7 @@ def _init_from(cfg: DictConfig, state, workers, session: Session | None, run_dir
         record(genome, result, phase)
         log.info("search.init_from: %s, genome %s, fitness %.4f", method, genome.content_hash(), result.fitness)
     search_run.save_checkpoint(state, run_dir / search_run.STATE)
+    return session
 
 
 def _finish(cfg, run_dir: Path, session: Session, state, rows, search: dict) -> dict:
@@ -147,13 +150,14 @@ def _finish(cfg, run_dir: Path, session: Session, state, rows, search: dict) -> 
     value = functools.partial(_reported, names=names)
     full = {"validation": value(validator.evaluate()), "test": value(tester.evaluate())}
     exported, reloaded = _export_best(cfg, run_dir, session, best, validator, tester, value)
-    search["cost"] = {"forward_tokens": int(sum(r.get("forward_tokens", 0) for r in rows.rows()) +
+    evaluations = rows.rows()
+    search["cost"] = {"forward_tokens": int(sum(r.get("forward_tokens", 0) for r in evaluations) +
                                             state.extra.get("baseline", {}).get("forward_tokens", 0)),
                       "candidates": len(state.archive.entries), "seconds": round(search["search_seconds"], 2)}
     report = reports.search_report(cfg, session, state, best, picked, full, exported, search, tester,
                                    reports.measurements(session, best, reloaded, validator, run_dir))
     reports.write_report(run_dir, report)
-    reports.plot_curve(rows.rows(), run_dir / "curve.png")
+    reports.plot_curve(evaluations, run_dir / "curve.png")
     reports.print_summary(report)
     return report
 

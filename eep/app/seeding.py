@@ -10,6 +10,7 @@ over the group's layers, and a per-layer genome the experts its layers keep most
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from pathlib import Path
@@ -31,18 +32,18 @@ def seed_genomes(cfg: DictConfig, session, template: Genome, run_dir: Path) -> l
     from eep.methods.expert_scores import STATISTICS, genome_from_scores, group_genome
 
     methods = init_methods(cfg)
-    calibration, out, seen = None, [], set()
-    scores = _scores(cfg, session, run_dir, [m for m in methods if m in STATISTICS])
+    calibration = functools.cache(lambda: _calibration(cfg, session))   # one pass, shared by every method
+    subsets, out, seen = _subsets(template, session), [], set()
+    scores = _scores(cfg, session, run_dir, [m for m in methods if m in STATISTICS], calibration)
     for method in methods:
         if method in scores:
             genome = genome_from_scores(session.mat, scores[method], template)
-        elif method.startswith("enumeration") and _subsets(template, session) > ENUMERATION_LIMIT:
+        elif method.startswith("enumeration") and subsets > ENUMERATION_LIMIT:
             log.info("search.init_from: %s left out (C(%d, %d) = %d subsets per layer > %d)", method,
-                     template.num_experts, template.num_kept, _subsets(template, session), ENUMERATION_LIMIT)
+                     template.num_experts, template.num_kept, subsets, ENUMERATION_LIMIT)
             continue
         else:
-            calibration = calibration or _calibration(cfg, session)
-            genome = compute(method, session.model, session.mat, calibration, num_kept=template.num_kept,
+            genome = compute(method, session.model, session.mat, calibration(), num_kept=template.num_kept,
                              top_k=template.top_k, seed=cfg.seed).genome
             if genome.is_pruning:
                 genome = group_genome(session.mat, genome, template)
@@ -65,8 +66,9 @@ def _calibration(cfg: DictConfig, session) -> dict:
                              n=cfg.evaluator.limit or 64)
 
 
-def _scores(cfg: DictConfig, session, run_dir: Path, wanted: list[str]) -> dict:
-    """The statistics ``wanted``: from ``statistics=<file>`` if given, else computed (and saved in ``run_dir``)."""
+def _scores(cfg: DictConfig, session, run_dir: Path, wanted: list[str], calibration) -> dict:
+    """The statistics ``wanted``: from ``statistics=<file>`` if given, else computed on ``calibration()`` (and
+    saved in ``run_dir``)."""
     from eep.methods.expert_scores import expert_scores, load_scores, save_scores
 
     if not wanted:
@@ -76,9 +78,9 @@ def _scores(cfg: DictConfig, session, run_dir: Path, wanted: list[str]) -> dict:
         scores, info = load_scores(cfg.statistics, len(adapter.layers), adapter.num_experts)
         log.info("statistics from %s (%s)", cfg.statistics, info.get("calibration", "?"))
         return scores
-    calibration = _calibration(cfg, session)
-    scores = expert_scores(session.mat, calibration)
+    tokens = calibration()
+    scores = expert_scores(session.mat, tokens)
     info = {"model": str(cfg.model.path or cfg.model.name), "calibration": f"{list(cfg.task.names)} search split",
-            "requests": int(calibration["input_ids"].shape[0]), "tokens": int(calibration["attention_mask"].sum())}
+            "requests": int(tokens["input_ids"].shape[0]), "tokens": int(tokens["attention_mask"].sum())}
     save_scores(run_dir / STATISTICS_FILE, scores, info)
     return scores

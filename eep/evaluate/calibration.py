@@ -13,15 +13,19 @@ def encode(tokenizer, texts: list[str], device, padding_side: str = "right") -> 
     return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device)}
 
 
+def reference_answer(task, doc) -> str:
+    """A generation document's target as lm-eval renders it (the first of several; a choice index as its text)."""
+    target = task.doc_to_target(doc)
+    if isinstance(target, int) and task.config.doc_to_choice is not None:
+        target = task.doc_to_choice(doc)[target]
+    return str(target[0] if isinstance(target, list) else target)
+
+
 def document_text(evaluator, inst) -> str:
     """A request's context with its continuation (loglikelihood) or its reference answer (generation)."""
     if inst.request_type == "loglikelihood":
         return inst.args[0] + inst.args[1]
-    task = evaluator.tasks[inst.task_name]
-    target = task.doc_to_target(inst.doc)
-    if isinstance(target, int) and task.config.doc_to_choice is not None:
-        target = task.doc_to_choice(inst.doc)[target]
-    return inst.args[0] + (target[0] if isinstance(target, list) else str(target))
+    return inst.args[0] + reference_answer(evaluator.tasks[inst.task_name], inst.doc)
 
 
 def calibration_tokens(evaluator, tokenizer, n: int = 64, padding_side: str = "right",

@@ -3,9 +3,9 @@
 ``search.fitness=likelihood``: the reference answers' likelihood, the mean over answer tokens of ``p(token)`` given
 everything before it (generation tasks: the document's target after its prompt; multiple-choice tasks: the gold
 choice after its context), continuous where exact match is flat, and no generation loop (the arithmetic mean of
-the probabilities, not ``exp`` of the mean log-probability, which is 0 to four digits for most bad candidates). ``search.fitness=agreement``: label-free,
-the mean over answer positions of ``sum_v min(p_v, q_v)``, the overlap of the candidate's next-token distribution
-``p`` with the full model's ``q`` (EvoESAP, arXiv 2603.06003), teacher-forced on the task's prompts followed by the
+the probabilities, not ``exp`` of the mean log-probability, which is 0 to four digits for most bad candidates).
+``search.fitness=agreement``: label-free, the mean over answer positions of ``sum_v min(p_v, q_v)``, the overlap of
+the candidate's next-token distribution ``p`` with the full model's ``q`` (EvoESAP, arXiv 2603.06003), teacher-forced on the task's prompts followed by the
 full model's own greedy answers (generation tasks) or by every choice (multiple-choice tasks). The full model's side
 (its answers and, per position, its top-``K`` probabilities plus the remaining mass) is computed once, when the
 scorer is built, on the unpatched model: ``sum_v min(p_v, q_v)`` is then taken over ``q``'s top ``K`` tokens plus
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eep.evaluate.calibration import reference_answer
 from eep.evaluate.score import WORST_FITNESS, Score
 
 KINDS = ("likelihood", "agreement")
@@ -64,7 +65,7 @@ class DenseFitness:
         answers = self._full_answers() if self.kind == "agreement" else None
         for inst_i, inst in enumerate(self.requests.get("generate_until", [])):
             task = self.tasks[inst.task_name]
-            answer = answers[inst_i] if answers is not None else _reference_answer(task, inst.doc)
+            answer = answers[inst_i] if answers is not None else reference_answer(task, inst.doc)
             out.append((self.names.index(inst.task_name), inst.args[0], answer))
         for inst in self.requests.get("loglikelihood", []):
             if self.kind == "likelihood" and inst.idx != _gold_index(self.tasks[inst.task_name], inst.doc):
@@ -154,14 +155,6 @@ class DenseFitness:
         q, idx, rest = self.reference[i]
         p = probs.gather(1, idx)
         return torch.minimum(p, q).sum(-1) + torch.minimum((1.0 - p.sum(-1)).clamp(min=0.0), rest)
-
-
-def _reference_answer(task, doc) -> str:
-    """A generation document's target (the first of several), as lm-eval renders it."""
-    target = task.doc_to_target(doc)
-    if isinstance(target, int) and task.config.doc_to_choice is not None:
-        target = task.doc_to_choice(doc)[target]
-    return str(target[0] if isinstance(target, list) else target)
 
 
 def _gold_index(task, doc) -> int:

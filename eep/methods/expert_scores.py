@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from eep.errors import UserError
+from eep.files import write_atomic
 from eep.genome import Genome
 from eep.materialize import Materializer
 from eep.methods.selection import keep_top, reap_saliency
@@ -38,13 +39,10 @@ def expert_scores(materializer: Materializer, calibration: dict) -> dict[str, to
 
 def save_scores(path: Path, scores: dict[str, torch.Tensor], info: dict) -> None:
     """Write ``scores`` to ``path`` (safetensors, atomically) with ``info`` (model, calibration, tokens) as metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.float().contiguous() for k, v in scores.items()}, str(tmp),
-              metadata={"eep": json.dumps(info, default=str)})
-    tmp.replace(path)
+    write_atomic(path, save({k: v.float().contiguous() for k, v in scores.items()},
+                            metadata={"eep": json.dumps(info, default=str)}))
 
 
 def load_scores(path, num_layers: int, num_experts: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -186,12 +186,10 @@ def _race(batch: Batch, pool, save: Callable[[], None], racing: Racing, archive:
     if first:
         pool.run(first, sliced, stage="slice")
     threshold = racing.threshold(archive)
-    promoted, batch.cut = [], set()
-    for genome in batch.todo():
+    batch.cut = set()
+    for genome in batch.todo():  # the cut ones get their slice result; the rest is scored fully below
         key = genome.content_hash()
-        if threshold is None or fitness_of(batch.partial[key]) >= threshold:
-            promoted.append(genome)
-        else:
+        if threshold is not None and fitness_of(batch.partial[key]) < threshold:
             batch.cut.add(key)
             batch.results[key] = batch.partial[key]
     _evaluate(batch, pool, save)
