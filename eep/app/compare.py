@@ -103,7 +103,7 @@ def resume_folder(value) -> Path:
     other = (f"; it is an eep-search run: resume it with eep-search resume={value}"
              if (folder / runfolder.CONFIG).is_file() else "")
     raise UserError(f"resume={value} is not an eep-compare run folder (no {CONFIG}){other}; give the folder the "
-                      f"comparison printed when it started (runs/compare/<date>/<time>)")
+                    f"comparison printed when it started (runs/compare/<date>/<time>)")
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -127,9 +127,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> l
             print(f"comparison {run_dir} is finished; nothing to do (table: {run_dir / MD})")
             return None
         saved = json.loads((run_dir / RUN).read_text())["config_hash"] if (run_dir / RUN).exists() else None
-        if saved != runfolder.config_hash(cfg) and not cfg.resume_force:
-            raise UserError(f"the config differs from the one {run_dir} was started with; resume with no other "
-                              "argument, or add resume_force=true to accept the change")
+        runfolder.refuse_changed(saved, cfg, run_dir, cfg.resume_force)
     elif (run_dir / CONFIG).exists():
         raise UserError(f"{run_dir} already holds a comparison; resume it with resume={run_dir}")
     methods, shapes = validate(cfg)

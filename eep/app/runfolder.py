@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from eep.errors import UserError
 from eep.genome import Genome
-from eep.search.run import STATE
 from eep.search.loop import Racing
+from eep.search.run import STATE
 from eep.search.state import Phase, SearchState, load_checkpoint
 from eep.search.strategy import EEPSettings
 from eep.settings import check_parallel
@@ -80,12 +80,18 @@ def resumed_config(cfg: DictConfig, saved: DictConfig, overrides: list[str]) -> 
     return merged
 
 
+def refuse_changed(saved_hash: str | None, cfg: DictConfig, run_dir: Path, force: bool) -> None:
+    """A UserError if ``cfg``'s hash is not the one ``run_dir`` was started with, unless ``force``
+    (``resume_force=true``); eep-search and eep-compare resume through it."""
+    if saved_hash != config_hash(cfg) and not force:
+        raise UserError(f"the config differs from the one {run_dir} was started with; resume with no other "
+                        f"argument, or add resume_force=true to accept the change")
+
+
 def resume_state(run_dir: Path, cfg: DictConfig, force: bool) -> SearchState:
     """The run's checkpoint; a changed config is a UserError unless ``force``."""
     state = load_checkpoint(run_dir / STATE)
-    if state.extra.get("config_hash") != config_hash(cfg) and not force:
-        raise UserError(f"the config differs from the one {run_dir} was started with; resume with no other "
-                        f"argument, or add resume_force=true to accept the change")
+    refuse_changed(state.extra.get("config_hash"), cfg, run_dir, force)
     return state
 
 
