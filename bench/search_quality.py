@@ -36,8 +36,14 @@ VARIANTS = {
     "random_start": ["search.init_from=[]", "search.fitness=task", "search.racing.slice=1.0"],
     "random_racing": ["search.init_from=[]", "search.fitness=task"],   # the paper's start, racing on
     "seeded_task": ["search.fitness=task"],
+    # the seeded start with the paper's strategy (no pruning crossover, a random opening of eep.population subsets)
+    "seeded_paper_strategy": ["search.eep.prune_crossover=0", "search.eep.seeded_random=null"],
+    "budget_120": ["search.prune_budget=100", "search.merge_budget=20"],
+    "budget_120_blend": ["search.prune_budget=100", "search.merge_budget=20", "search.fitness=task+likelihood"],
     "seeded_agreement": ["search.fitness=agreement"],
     "seeded_likelihood": ["search.fitness=likelihood"],
+    "task_likelihood": ["search.fitness=task+likelihood"],
+    "task_agreement": ["search.fitness=task+agreement"],
     # nevergrad's optimisers as the population manager, same budget, same seeded first generation
     "ng_lengler": ["optimizer.prune_name=DiscreteLenglerOnePlusOne"],
     "ng_portfolio": ["optimizer.prune_name=PortfolioDiscreteOnePlusOne"],
@@ -103,8 +109,11 @@ def search_row(setting: dict, variant: str, seed: int, work: Path) -> dict:
     from eep.app.search import run as search
 
     items = [o for o in overrides(setting) if not o.startswith("compare.")]
+    folder = work / f"{variant}_{seed}"
+    if (folder / "eep_config.yaml").is_file():   # a run this script was stopped in: go on with it
+        items.append(f"resume={folder}")
     start = time.time()
-    report = search(compose("eep_search", [*items, *VARIANTS[variant], f"seed={seed}"]), work / f"{variant}_{seed}")
+    report = search(compose("eep_search", [*items, *VARIANTS[variant], f"seed={seed}"]), folder)
     cost = report.get("cost") or {}
     return {"setting": key(setting), "method": f"eep:{variant}", "seed": seed, "test": report["test"]["best_exported"],
             "in_place": report["test"]["best_in_place"], "full": report["test"]["full"],
@@ -192,6 +201,7 @@ def main() -> None:
     parser.add_argument("--settings", default="mixtral,olmoe,top1")
     parser.add_argument("--variants", default="default,random_start")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tasks", default=None, help="only these tasks of the settings (comma-separated)")
     parser.add_argument("--no-one-shot", action="store_true", help="only the search variants")
     parser.add_argument("--out", default="search_quality")
     parser.add_argument("--work", default="runs/bench_search_quality", help="run folders of the searches")
@@ -218,6 +228,8 @@ def main() -> None:
     seen = {(r["setting"], r["method"], r["seed"]) for r in done}
     with out.open("a") as fh:
         for setting in settings_of(args.settings):
+            if args.tasks and setting["task"] not in args.tasks.split(","):
+                continue
             work = Path(args.work) / key(setting)
             todo = []
             if not args.no_one_shot and (key(setting), "full", None) not in seen:

@@ -1,8 +1,9 @@
 """Behaviour kept across refactors: a seeded search evaluates the genomes of a run recorded before them, in order.
 
 The recording (``tests/data/recorded_search.json``) was written by ``python tests/test_recorded_search.py --record``
-at the commit it names, before the application layer moved (issue 13); the two keys added since
-(``search.init_from=[]``, ``search.fitness=task``, ``search.racing.slice=1.0``) pin what the defaults were then. Genome hashes are compared exactly (they are
+at the commit it names, before the application layer moved (issue 13); the keys added since
+(``search.init_from=[]``, ``search.fitness=task``, ``search.racing.slice=1.0``, ``search.eep.prune_crossover=0``)
+pin what the defaults were then. Genome hashes are compared exactly (they are
 integers and subsets: hardware-independent as long as the fitness ranking is); fitness values within 0.02, one
 document in 50 (accuracy on ``evaluator.limit=50`` documents moves in steps of 0.02 if a float rounding flips one).
 """
@@ -21,7 +22,8 @@ RECORDING = Path(__file__).parent / "data" / "recorded_search.json"
 OVERRIDES = ["model=skills_mixtral", "task=skills_count_mc", "search.num_experts=4", "search.prune_budget=10",
              "search.merge_budget=4", "search.eep.population=4", "evaluator.limit=50",
              "evaluator.validation_limit=20", "evaluator.test_limit=20", "search.final_candidates=1", "seed=3",
-             "search.init_from=[]", "search.fitness=task", "search.racing.slice=1.0"]  # the defaults when recorded
+             "search.init_from=[]", "search.fitness=task", "search.racing.slice=1.0",
+             "search.eep.prune_crossover=0"]  # the defaults when recorded
 
 
 def run_rows(folder: Path) -> list[dict]:

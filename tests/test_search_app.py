@@ -1,6 +1,7 @@
 """eep-search: config composition, validation before heavy work, a tiny real run, resume, and the CLI's errors."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -30,11 +31,12 @@ def config(overrides):
     ("search.init_from=m_smoe", "search.init_from=m_smoe: use methods among random, frequency"),
     ("search.init_from=[reap,skipping]", "skipping is a skipping method whose result is more than a genome"),
     ("search.init_from=[hc_smoe] search.layer_groups=2", "hc_smoe gives a merging genome per layer"),
-    ("search.fitness=exact", "search.fitness=exact: use one of task, likelihood, agreement"),
+    ("search.fitness=exact", "search.fitness=exact: use one of task, likelihood, agreement, task+likelihood, "
+                             "task+agreement"),
     ("statistics=/nonexistent/statistics.safetensors", "statistics=/nonexistent/statistics.safetensors: no such file"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, override, message):
-    with pytest.raises((UserError, ValueError), match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises((UserError, ValueError), match=re.escape(message)):
         app.run(config([*TINY, *override.split()]), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -222,11 +224,10 @@ def test_the_first_generation_holds_the_statistics_genomes(tmp_path):
     assert list(cfg.search.init_from) == ["reap", "soft_activation", "frequency", "enumeration"]
     report = app.run(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
-    # the cost: every evaluation's forward tokens (generation: prompts plus generated steps, which vary a little
-    # with the candidate; racing's slice, a quarter of the documents: fewer)
+    # the cost: every evaluation's forward tokens (generation: prompts plus generated steps, which vary with the
+    # candidate: a broken one may generate to the length limit; racing's slice, a quarter of the documents: fewer)
     full = [r["forward_tokens"] for r in rows if r["fidelity"] == 1.0]
-    assert max(full) < 1.2 * min(full) and all(0 < r["forward_tokens"] < min(full) for r in rows
-                                                 if r["fidelity"] < 1.0)
+    assert all(0 < r["forward_tokens"] < min(full) for r in rows if r["fidelity"] < 1.0)
     assert report["cost"] == {"forward_tokens": sum(r["forward_tokens"] for r in rows) +
                               report["search_full"]["forward_tokens"], "candidates": 7,
                               "seconds": round(report["search_seconds"], 2)}
@@ -269,6 +270,21 @@ def test_statistics_seed_depth_groups_and_another_count(tmp_path):
     single = method_genomes(cfg, ["soft_activation"], num_kept=4, top_k=2)["soft_activation"]
     per_layer = [sorted(torch.sort(row.double(), descending=True, stable=True).indices[:4].tolist()) for row in soft]
     assert [single.kept(i) for i in range(4)] == per_layer
+
+
+def test_the_blended_fitness_is_the_task_metric_plus_a_hundredth_of_the_dense_one():
+    """``search.fitness=task+likelihood``: exact match plus 0.01 x likelihood, from the same documents in the same
+    process (so equal to the last bit), both metrics kept, both passes' forward tokens counted."""
+    from eep.app.session import Session
+    from eep.evaluate.dense import BLEND_WEIGHT, DenseFitness
+
+    session = Session(config([*TINY, "search.fitness=task+likelihood"]))
+    blend, task = session.searcher.evaluate(), session.search_tasks.evaluate()
+    dense = DenseFitness(session.search_tasks, "likelihood", batch_size=session.cfg.evaluator.batch_size).evaluate()
+    assert BLEND_WEIGHT == 0.01 and 0.0 < dense.fitness <= 1.0
+    assert blend.fitness == task.fitness + BLEND_WEIGHT * dense.fitness
+    assert set(blend.metrics["skills_count"]) == {"exact_match", "likelihood"}
+    assert blend.forward_tokens == task.forward_tokens + dense.forward_tokens > task.forward_tokens
 
 
 @pytest.mark.parametrize("fitness", ["likelihood", "agreement"])

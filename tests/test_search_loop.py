@@ -8,7 +8,7 @@ from eep.search.loop import run_phase
 import nevergrad as ng
 
 from eep.search.proposers import Archive, Codec, EEPOptimizer, make_proposer
-from eep.search.strategy import EEPSettings
+from eep.search.strategy import EEPSettings, random_subsets
 
 GOOD = {0, 1, 2, 3}
 SEEDS = range(5)
@@ -47,7 +47,8 @@ def test_pruning_phase_beats_random_sampling_and_never_evaluates_twice(name, bud
     """3 layers, keep 4 of 8, fitness = share of GOOD kept. Over seeds 0-4 the best GOOD counts (of 12) must sum to a
     total that random sampling at the same budget reaches with probability <= 1e-3 (computed exactly by
     ``random_sampling_tail``). Random sampling's expected best is 8.94 of 12 at 60 evaluations (9.52 at 250), and a
-    5-run sum >= 50 (>= 53 at 250) has probability 6.0e-4 (1.6e-4). Measured: eep 10, 10, 11, 12, 10 (sum 52);
+    5-run sum >= 50 (>= 53 at 250) has probability 6.0e-4 (1.6e-4). Measured: eep 9, 10, 10, 12, 12 (sum 53;
+    the paper's strategy, ``prune_crossover=0``, 9, 10, 11, 12, 10);
     DiscreteOnePlusOne and NGOpt 12 in every run (60); TwoPointsDE 12, 11, 11, 11, 11 (56; at 60 evaluations it is
     no better than random sampling, 47 of 60, so it gets the budget it needs). The seeds fix every draw: the
     result is deterministic."""
@@ -96,6 +97,44 @@ def test_merging_phase_moves_towards_a_target(name):
     assert archive.count("merge") == 80
     assert archive.best()[0] > closeness(start)
     assert all((g.router_map >= 0).all() for _, g in archive.scored())
+
+
+def opening_draws(monkeypatch, settings: EEPSettings, seeds: int, asks: int, full: bool = True,
+                  old: bool = False) -> int:
+    """Random subsets an EEP pruning proposer told ``seeds`` genomes draws in ``asks`` ask/tell rounds (``full=False``:
+    every candidate cut by racing; ``old``: an optimiser pickled before draws were counted). With 3 layers of 4 of 8
+    (70 ** 3 subsets) no draw here repeats a genome, so every random draw is asked."""
+    import eep.search.proposers as proposers
+
+    calls = []
+    monkeypatch.setattr(proposers, "random_subsets", lambda *a, **k: calls.append(1) or random_subsets(*a, **k))
+    archive = Archive()
+    for i in range(seeds):
+        archive.add(Genome.pruning([[i, i + 1, i + 2, i + 3]] * 3, 8, 2), 0.5 + 0.01 * i, "prune")
+    proposer = make_proposer("eep", "prune", archive, Genome.pruning([[0, 1, 2, 3]] * 3, 8, 2), seed=0,
+                             settings=settings)
+    if old:
+        del proposer.optimizer.opened
+    for _ in range(asks):
+        genome = proposer.ask()
+        proposer.tell(genome, subset_fitness(genome), full=full)
+    assert old or proposer.optimizer.opened == len(calls)
+    return len(calls)
+
+
+def test_a_seeded_opening_draws_seeded_random_subsets_and_a_random_start_population(monkeypatch):
+    assert opening_draws(monkeypatch, EEPSettings(population=10, seeded_random=3), seeds=4, asks=20) == 3
+    assert opening_draws(monkeypatch, EEPSettings(population=10, seeded_random=None), seeds=4, asks=20) == 10
+    assert opening_draws(monkeypatch, EEPSettings(population=10, seeded_random=3), seeds=0, asks=20) == 10
+
+
+def test_candidates_cut_by_racing_do_not_prolong_the_opening(monkeypatch):
+    """Counted as draws: 6 of 20 asks are random though every candidate is cut (none joins the population); an
+    optimiser pickled before counting keeps its own rule, random until ``population`` members are fully scored
+    (here: never, so all 20)."""
+    settings = EEPSettings(population=6, seeded_random=None)
+    assert opening_draws(monkeypatch, settings, seeds=1, asks=20, full=False) == 6
+    assert opening_draws(monkeypatch, settings, seeds=1, asks=20, full=False, old=True) == 20
 
 
 def test_exhausted_space_ends_the_phase():
@@ -207,14 +246,15 @@ def test_batches_are_committed_in_ask_order_whatever_order_results_arrive():
 def test_eep_pruning_breeds_from_a_genome_already_in_the_archive():
     """A warm start: a good subset put in the archive before the phase is a parent from the first child on.
 
-    The 5 children (2 layers, population 1, every group changed, a row re-pointed with probability 0.25) are
+    The 5 children (2 layers, no random subsets after the seed, every group changed, a row re-pointed with
+    probability 0.25) are
     mutations of the all-GOOD parent, so they keep far more GOOD experts than random subsets: measured 4, 7, 7, 6, 7
     of 8 (sum 31); 5 uniformly random genomes (4 GOOD each on average, sum 20 expected) reach a sum >= 29 with
     probability 1.5e-4 (computed exactly below)."""
     archive, good = Archive(), Genome.pruning([[0, 1, 2, 3]] * 2, 8, 2)
     archive.add(good, subset_fitness(good), "prune")
     proposer = make_proposer("eep", "prune", archive, good, seed=0,
-                             settings=EEPSettings(population=1, group_change=1.0, row_repoint=0.25))
+                             settings=EEPSettings(seeded_random=0, group_change=1.0, row_repoint=0.25))
     assert list(proposer.optimizer.population) == [good.content_hash()]
     children = [proposer.ask() for _ in range(5)]
     counts = [len(GOOD & set(c.kept(0))) + len(GOOD & set(c.kept(1))) for c in children]

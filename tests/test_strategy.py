@@ -4,8 +4,8 @@ import random
 import torch
 
 from eep.genome import Genome
-from eep.search.strategy import (EEPSettings, crossover, mutate_matrices, mutate_subsets, parents,
-                                 random_subsets)
+from eep.search.strategy import (EEPSettings, crossover, crossover_groups, mutate_matrices, mutate_subsets,
+                                 parents, random_subsets)
 
 
 def test_about_sixty_percent_of_pruning_children_equal_their_parent():
@@ -46,6 +46,15 @@ def test_crossover_takes_whole_rows_from_either_parent():
     from_a = (child.router_map == a.router_map).all(-1)
     assert torch.equal(from_a, (child.merge == a.merge).all(-1))
     assert torch.equal(~from_a, (child.router_map == b.router_map).all(-1))
+
+
+def test_layer_group_crossover_takes_each_groups_subset_from_either_parent():
+    rng = random.Random(0)
+    a, b = [[0, 1, 2, 3]] * 6, [[4, 5, 6, 7]] * 6
+    children = [crossover_groups(a, b, rng) for _ in range(200)]
+    assert all(sub in (a[0], b[0]) for child in children for sub in child)
+    from_a = sum(sub == a[0] for child in children for sub in child) / 1200
+    assert 0.45 < from_a < 0.55   # each group from a with probability 1/2 (binomial s.d. 0.014)
 
 
 def test_parents_are_the_near_best():

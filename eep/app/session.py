@@ -49,14 +49,16 @@ def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
 
 def fitness_scorer(cfg: DictConfig, evaluator):
     """What scores a candidate on the search split: ``evaluator`` itself (``search.fitness=task``, the task's
-    metric) or a :class:`~eep.evaluate.dense.DenseFitness` on its documents (``likelihood``, ``agreement``), built
-    now, on the unpatched model, since agreement reads the full model's side once."""
+    metric), a :class:`~eep.evaluate.dense.DenseFitness` on its documents (``likelihood``, ``agreement``) or the
+    task's metric with a dense tie-break (``task+likelihood``, ``task+agreement``: :class:`~eep.evaluate.dense.Blend`),
+    built now, on the unpatched model, since agreement reads the full model's side once."""
     kind = cfg.search.get("fitness", "task")
     if kind == "task":
         return evaluator
-    from eep.evaluate.dense import DenseFitness
+    from eep.evaluate.dense import Blend, DenseFitness
 
-    return DenseFitness(evaluator, kind, batch_size=cfg.evaluator.batch_size)
+    dense = DenseFitness(evaluator, kind.removeprefix("task+"), batch_size=cfg.evaluator.batch_size)
+    return Blend(evaluator, dense) if kind.startswith("task+") else dense
 
 
 class Session:

@@ -17,8 +17,8 @@ import torch
 
 from eep.genome import Genome
 from eep.search.archive import Archive  # kept here too: eep 0.1.0 checkpoints pickle this path
-from eep.search.strategy import (EEPSettings, crossover, mutate_matrices, mutate_subsets, revive_empty_rows,
-                                 parents, random_subsets)
+from eep.search.strategy import (EEPSettings, crossover, crossover_groups, mutate_matrices, mutate_subsets,
+                                 parents, random_subsets, revive_empty_rows)
 
 PHASES = ("prune", "merge")
 
@@ -72,9 +72,12 @@ class EEPOptimizer(ng.optimizers.base.Optimizer):
     parametrization. Steady state: every told candidate joins the population (by content hash), parents are drawn
     among its near-best members; a child equal to a told or pending genome is re-drawn (up to ``redraws`` times).
 
-    Pruning phase: ``settings.population`` random subsets, then re-pointing mutations. Merging phase: Gaussian noise or
-    row crossover of near-best members; the population is opened by telling it the archive (``tell`` of candidates it
-    did not ask, nevergrad's warm-start path).
+    Pruning phase: an opening of random subsets, then re-pointing mutations and (``prune_crossover``) layer-group
+    crossovers of near-best members. The opening is ``settings.population`` random draws, or ``seeded_random`` draws
+    when the population was told seeds before the first ask (``search.init_from``); draws are counted, not fully
+    scored members, so candidates cut by racing do not prolong it. Merging phase: Gaussian noise or row crossover of
+    near-best members; the population is opened by telling it the archive (``tell`` of candidates it did not ask,
+    nevergrad's warm-start path).
     """
 
     def __init__(self, parametrization, budget: int | None = None, num_workers: int = 1, *, codec: Codec,
@@ -86,8 +89,11 @@ class EEPOptimizer(ng.optimizers.base.Optimizer):
         self.population: dict[str, tuple[float, Genome]] = {}
         self.pending: set[str] = set()
         self.excluded: set[str] = set()
+        self.opening: int | None = None   # random draws of the opening, fixed at the first pruning ask
+        self.opened = 0                   # random draws made so far
 
     excluded: set | None = None   # class default: optimisers pickled before racing existed exclude nothing
+    opened: int | None = None     # class default: optimisers pickled before it count fully scored members
 
     def exclude(self, key: str) -> None:
         """Keep genome ``key`` (scored on a slice only) out of the population: never a parent."""
@@ -96,10 +102,12 @@ class EEPOptimizer(ng.optimizers.base.Optimizer):
 
     def _internal_ask_candidate(self):
         for _ in range(self.redraws):
-            genome = self._draw()
+            genome, opening = self._draw()
             key = genome.content_hash()
             if key not in self.population and key not in self.pending and key not in (self.excluded or ()):
                 break  # else: the reachable space is exhausted and the loop reuses the recorded fitness
+        if opening and self.opened is not None:
+            self.opened += 1
         self.pending.add(key)
         return self.parametrization.spawn_child(new_value=self.codec.encode(genome))
 
@@ -109,17 +117,39 @@ class EEPOptimizer(ng.optimizers.base.Optimizer):
         if genome.content_hash() not in (self.excluded or ()):
             self.population.setdefault(genome.content_hash(), (-loss, genome))
 
-    def _draw(self) -> Genome:
-        return self._draw_pruning() if self.codec.phase == "prune" else self._draw_merging()
+    def _draw(self) -> tuple[Genome, bool]:
+        """A child, and whether it is a random subset of the pruning phase's opening."""
+        if self.codec.phase == "prune" and self._opening():
+            t = self.codec.template
+            kept = random_subsets(len(t.groups), t.num_experts, t.num_kept, self.rng, self.codec.expert_groups)
+            return Genome.pruning(kept, t.num_experts, t.top_k, t.groups), True
+        return (self._draw_pruning() if self.codec.phase == "prune" else self._draw_merging()), False
 
     def _draw_pruning(self) -> Genome:
+        """A re-pointing mutation of a near-best member, or (``prune_crossover``) a layer-group crossover of two."""
         t, s, blocks = self.codec.template, self.settings, self.codec.expert_groups
-        if len(self.population) < s.population:
-            kept = random_subsets(len(t.groups), t.num_experts, t.num_kept, self.rng, blocks)
+        # an optimiser pickled before these knobs (opened None) keeps the paper's rule it was started with
+        share = 0.0 if self.opened is None else getattr(s, "prune_crossover", 0.0)
+        scored = list(self.population.values())
+        pool = parents(scored, s.crossover_margin, s.crossover_min_parents) if share > 0 else []
+        if len(pool) >= 2 and self.rng.random() < share:   # the paper (share 0) draws no number here
+            a, b = self.rng.sample(pool, 2)
+            kept = crossover_groups(*([p.kept(g[0]) for g in t.groups] for p in (a, b)), self.rng)
         else:
-            parent = self.rng.choice(parents(list(self.population.values()), s.parent_margin))
+            parent = self.rng.choice(parents(scored, s.parent_margin))
             kept = mutate_subsets([parent.kept(g[0]) for g in t.groups], t.num_experts, s, self.rng, blocks)
         return Genome.pruning(kept, t.num_experts, t.top_k, t.groups)
+
+    def _opening(self) -> bool:
+        """Whether the next pruning draw is a random subset of the opening: fewer than ``opening`` accepted so far
+        (or nothing fully scored yet to mutate)."""
+        s = self.settings
+        if self.opened is None:   # pickled before draws were counted: the rule it was started with
+            return len(self.population) < s.population
+        if self.opening is None:
+            seeded = s.seeded_random is not None and len(self.population) > 0
+            self.opening = s.seeded_random if seeded else s.population
+        return self.opened < self.opening or not self.population
 
     def _draw_merging(self) -> Genome:
         s, scored = self.settings, list(self.population.values())

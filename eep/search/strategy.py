@@ -2,7 +2,8 @@
 
 Pruning phase: a child re-points rows of its parent's kept subsets (each layer group changes with probability
 ``group_change``; in a changing group each row is re-pointed with probability ``row_repoint`` to an expert no other
-row uses). Merging phase: Gaussian noise on both matrices, row-wise crossover of two parents, occasional row
+row uses), or (with probability ``prune_crossover``, 0 in the paper) takes each layer group's subset from one of two
+near-best parents (``crossover_groups``). Merging phase: Gaussian noise on both matrices, row-wise crossover of two parents, occasional row
 renormalisation of ``W_EM``. Parents are drawn uniformly among archive members within ``parent_margin`` of the best.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from eep.genome import Genome
 
 @dataclass
 class EEPSettings:
-    """The published probabilities and thresholds (fitness in lm-eval's 0-1 units)."""
+    """The published probabilities and thresholds (fitness in lm-eval's 0-1 units), and two knobs beyond the paper."""
 
     population: int = 30            # random kept subsets that open the pruning phase
     group_change: float = 0.25      # probability that a layer group is changed in a child
@@ -31,6 +32,9 @@ class EEPSettings:
     noise: float = 0.25             # merging: probability per matrix entry of Gaussian noise
     noise_sigma: float = 0.065      # merging: noise scale
     renormalize: float = 0.1        # merging: probability that W_EM's rows are renormalised to sum to 1
+    # beyond the paper (docs/methods.md section 3.2); search=paper sets 0.0 and None, the paper's strategy
+    prune_crossover: float = 0.3    # pruning: probability that a child is a layer-group crossover of two parents
+    seeded_random: int | None = 4   # random subsets drawn after a seeded first generation (None: up to population)
 
 
 def random_subsets(groups: int, num_experts: int, num_kept: int, rng: random.Random,
@@ -82,6 +86,13 @@ def revive_empty_rows(rm: torch.Tensor, parent: torch.Tensor) -> None:
     """A router row clamped to all zeros would route nothing: give it back its parent's row."""
     empty = rm.sum(dim=2) == 0
     rm[empty] = parent[empty]
+
+
+def crossover_groups(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], rng: random.Random) -> list[list[int]]:
+    """Layer-group crossover of two pruning parents' kept subsets (``[G][E']`` expert indices): each group's subset
+    is ``a``'s or ``b``'s with probability 1/2, so a child can join one statistic's choice in some layers with
+    another's in the others."""
+    return [sorted(x if rng.random() < 0.5 else y) for x, y in zip(a, b, strict=True)]
 
 
 def crossover(a: Genome, b: Genome, settings: EEPSettings, gen: torch.Generator) -> Genome:
