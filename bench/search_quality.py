@@ -13,6 +13,7 @@ error over seeds) is printed and written to ``bench/results/<out>.md``.
 
     python bench/search_quality.py --settings mixtral                # skills-mixtral E' 2, 3, 4 on every skill + all
     python bench/search_quality.py --settings olmoe,top1             # skills-olmoe E' 4, 8; k' = 1 with all experts
+    python bench/search_quality.py --settings qwen3                  # skills-qwen3 E' 16, 32 of 64
     python bench/search_quality.py --settings mixtral-e2 --variants seeded_task,seeded_agreement --seeds 0
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ VARIANTS = {
 
 
 def settings_of(names: str) -> list[dict]:
-    """The grid's settings by group name (comma-separated): mixtral, mixtral-e2/e3/e4, olmoe, top1."""
+    """The grid's settings by group name (comma-separated): mixtral, mixtral-e2/e3/e4, olmoe, qwen3, top1."""
     out = []
     for name in names.split(","):
         if name == "mixtral" or name.startswith("mixtral-e"):
@@ -63,12 +64,15 @@ def settings_of(names: str) -> list[dict]:
         elif name == "olmoe":
             out += [{"model": "skills_olmoe", "task": t, "num_experts": e, "top_k": None}
                     for e in (4, 8) for t in ("skills_sort", "skills_add")]
+        elif name == "qwen3":
+            out += [{"model": "skills_qwen3", "task": t, "num_experts": e, "top_k": None}
+                    for e in (16, 32) for t in ("skills_sort", "skills_add", "skills_all")]
         elif name == "top1":
             out += [{"model": "skills_mixtral", "task": t, "num_experts": 8, "top_k": 1}
                     for t in ("skills_sort", "skills_all")]
         else:
             raise SystemExit(f"--settings: unknown group {name!r}; use mixtral, mixtral-e2, mixtral-e3, mixtral-e4, "
-                             f"olmoe, top1")
+                             f"olmoe, qwen3, top1")
     return out
 
 
@@ -198,7 +202,7 @@ def _running_best(curve):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settings", default="mixtral,olmoe,top1")
+    parser.add_argument("--settings", default="mixtral,olmoe,qwen3,top1")
     parser.add_argument("--variants", default="default,random_start")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default=None, help="only these tasks of the settings (comma-separated)")

@@ -10,7 +10,7 @@ from eep.zoo.cli import main
 
 def test_model_configs_ship_with_the_package():
     names = sorted(p.stem for p in (eep.conf_dir() / "model").glob("*.yaml"))
-    assert names == ["hub", "skills_mixtral", "skills_olmoe"]
+    assert names == ["hub", "skills_mixtral", "skills_olmoe", "skills_qwen3"]
     cfg = model_config("skills_olmoe")
     assert cfg.location() == str(eep.zoo.path("skills-olmoe"))
     if os.environ.get("CI"):  # CI installs eep as a wheel: the tests must exercise the installed copy
@@ -26,7 +26,8 @@ def test_eval_prints_a_score_per_task(capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "skills_llama"], "unknown model config 'skills_llama'; known: hub, skills_mixtral, skills_olmoe"),
+    (["eval", "skills_llama"], "unknown model config 'skills_llama'; known: hub, skills_mixtral, skills_olmoe, "
+                                  "skills_qwen3"),
     (["eval", "--tasks", "skills_ad", "--limit", "1"], "unknown lm-eval task 'skills_ad'. Did you mean skills_add"),
 ])
 def test_user_errors_are_one_line_and_exit_2(capsys, argv, message):

@@ -8,11 +8,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import eep.zoo
 from eep.evaluate.reference import simple_scores
+from eep.tasks.generate import read_split
 from eep.zoo.train import RECIPES, Recipe, train, with_overrides
 
 EXPECTED = {  # name: (class, experts, top-k, MoE layers, skill checked through lm-eval): the README's table
     "skills-mixtral": ("MixtralForCausalLM", 8, 2, 4, "skills_add"),
     "skills-olmoe": ("OlmoeForCausalLM", 32, 4, 4, "skills_count"),
+    "skills-qwen3": ("Qwen3MoeForCausalLM", 64, 8, 6, "skills_lookup"),
 }
 
 
@@ -24,7 +26,7 @@ def shipped(request):
 
 
 def test_unknown_model_lists_the_shipped_ones():
-    with pytest.raises(ValueError, match="skills-mixtral, skills-olmoe"):
+    with pytest.raises(ValueError, match="skills-mixtral, skills-olmoe, skills-qwen3"):
         eep.zoo.path("skills-llama")
 
 
@@ -81,3 +83,52 @@ def test_training_reproduces_the_shipped_loss_curve(name):
     assert loss_a == pytest.approx(want_a, rel=STEP_50_RTOL)
     assert loss_b == pytest.approx(want_b, rel=STEP_100_RTOL)
     assert loss_b < loss_a - 0.5 * (want_a - want_b)  # the trend: at least half the shipped drop from step 50 to 100
+
+
+def test_skills_qwen3_searches_at_16_of_64_and_its_export_is_the_candidate(tmp_path):
+    """The shipped model in today's routing regime (Qwen3-MoE, 64 experts, top-8, ``norm_topk_prob``): a short
+    seeded search at E' = 16 (enumeration left out: C(64, 16) subsets per layer) exports a vanilla checkpoint that
+    plain ``from_pretrained`` loads with 16 experts and that computes the in-place candidate's logits, so both score
+    the same on test. Tolerance 1e-4 on logits up to 24 in magnitude (float32): the in-place candidate runs 64
+    experts with a mask, the export 16, so sums are taken in another order; measured 2.5e-5 (AVX-512) over 6 layers,
+    while swapping one kept expert per layer moves the logits by 11."""
+    from conftest import compose_config
+
+    from eep import run_search
+    from eep.genome import Genome
+    from eep.materialize import Materializer
+
+    run = tmp_path / "run"
+    report = run_search(compose_config("eep_search", [
+        "model=skills_qwen3", "task=skills_lookup", "search.num_experts=16", "search.prune_budget=6",
+        "search.merge_budget=0", "evaluator.limit=20", "evaluator.validation_limit=20", "evaluator.test_limit=50",
+        "search.final_candidates=2"]), run)
+    assert report["experts"] == {"before": 64, "after": 16} and report["export"]["exact"]
+    assert report["test"]["best_in_place"] == report["test"]["best_exported"] >= 0.5
+    rows = [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    genome = Genome.from_dict(next(r["genome"] for r in rows if r["genome_hash"] == report["best_hash"]))  # the pick
+    model = AutoModelForCausalLM.from_pretrained(eep.zoo.path("skills-qwen3"), dtype=torch.float32).eval()
+    Materializer(model).apply(genome)
+    reloaded = AutoModelForCausalLM.from_pretrained(run / "model", dtype=torch.float32).eval()
+    assert reloaded.config.num_experts == 16 and reloaded.config.num_experts_per_tok == 8
+    docs = [d["prompt"] + d["answer"] for s in ("lookup", "add") for d in read_split(s, "test")[:4]]
+    tokens = AutoTokenizer.from_pretrained(eep.zoo.path("skills-qwen3"))(docs, return_tensors="pt", padding=True,
+                                                                          add_special_tokens=False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**tokens).logits, model(**tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_skills_qwen3_card_shows_fine_grained_expert_usage():
+    """The card's expert usage (``eep.zoo.card.expert_usage``): top-8 of 64, so 8 selections per token spread over
+    more than 16 experts in every layer, and the skills route differently (specialisation > 0)."""
+    from eep.zoo.card import expert_usage
+
+    folder = eep.zoo.path("skills-qwen3")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        usage = {s: expert_usage(model, tok, s, limit=50) for s in ("add", "lookup")}
+    for u in usage.values():
+        assert u.shape == (6, 64) and torch.allclose(u.sum(-1), torch.ones(6))
+        assert ((u > 0).sum(-1) > 16).all()
+    assert (usage["add"] - usage["lookup"]).abs().sum(-1).min() > 0.1

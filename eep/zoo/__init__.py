@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-MODEL_NAMES: tuple[str, ...] = ("skills-mixtral", "skills-olmoe")
+MODEL_NAMES: tuple[str, ...] = ("skills-mixtral", "skills-olmoe", "skills-qwen3")
 
 
 def names() -> list[str]:

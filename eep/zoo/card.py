@@ -121,8 +121,9 @@ def card_lines(name, model, scores, counts, usage, train_log) -> list[str]:
               f"- rope theta {r.get('rope_theta', 10000.0):g}; initial expert down-projections x"
               f"{r.get('down_init_scale', 1.0):g}, attention output projections x{r.get('o_init_scale', 1.0):g}",
               f"- wall time {train_log['wall_seconds'] / 60:.1f} min ({train_log['seconds_per_step']} s/step) with "
-              f"{train_log['threads']} torch thread(s) on {train_log['machine']}, a 2-core machine that ran the "
-              f"shipped models' training runs side by side (one thread each)",
+              f"{train_log['threads']} torch thread(s) on {train_log['machine']}, "
+              + train_log.get("note", "a 2-core machine that ran the shipped models' training runs side by side "
+                                      "(one thread each)"),
               f"- loss (mean over {curve[0][0]} steps): {curve[0][1]:.3f} at step {curve[0][0]}, {curve[-1][1]:.4f} "
               f"at step {curve[-1][0]}; full curve and validation checks in `training_log.json`",
               REPRODUCIBILITY, "",
