@@ -311,3 +311,18 @@ def test_racing_scores_the_rest_only_for_candidates_that_may_enter_the_top():
         fitness, genome, _ = archive.entries[key]
         assert fitness <= worst and fitness <= subset_fitness(genome) - 0.1 + 1e-9
     assert not partial & set(proposer.optimizer.population)
+
+
+def test_a_pruning_phase_larger_than_its_space_ends_when_the_space_is_exhausted():
+    """8 of 8 experts (a k' < k search) has one pruning genome: the phase evaluates it once and ends, instead of
+    asking for 99 more distinct genomes that do not exist (10,000 fruitless asks of up to 1,000 redraws each)."""
+    from eep.search.state import Phase, SearchState, run_plan
+    from eep.search.strategy import pruning_space
+
+    template = Genome.pruning([list(range(8))] * 2, 8, 1)
+    assert pruning_space(template) == 1 and pruning_space(Genome.pruning([[0, 1]] * 3, 8, 1)) == 28 ** 3
+    assert pruning_space(Genome.pruning([[0, 4]] * 2, 8, 1), expert_groups=2) == 16 ** 2
+    state = SearchState(plan=(Phase("prune", "eep", 100), Phase("merge", "eep", 0)), template=template, seed=0,
+                        settings=EEPSettings())
+    run_plan(state, lambda genome: 0.5)
+    assert state.finished and state.archive.count("prune") == 1

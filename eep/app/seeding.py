@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from eep.genome import Genome
+from eep.search.strategy import subsets_per_group
 from eep.settings import init_methods
 
 log = logging.getLogger("eep.search")
@@ -54,8 +54,7 @@ def seed_genomes(cfg: DictConfig, session, template: Genome, run_dir: Path) -> l
 
 
 def _subsets(template: Genome, session) -> int:
-    groups = session.mat.adapter.expert_groups
-    return math.comb(template.num_experts // groups, template.num_kept // groups) ** groups
+    return subsets_per_group(template.num_experts, template.num_kept, session.mat.adapter.expert_groups)
 
 
 def _calibration(cfg: DictConfig, session) -> dict:

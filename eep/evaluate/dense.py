@@ -171,6 +171,8 @@ class Blend:
         self.task, self.dense, self.weight = task, dense, weight
 
     def __getattr__(self, name):   # tasks, requests, role, ... of the task's Evaluator
+        if name in ("task", "dense", "weight"):   # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.task, name)
 
     def evaluate(self) -> Score:

@@ -129,7 +129,7 @@ class EEPOptimizer(ng.optimizers.base.Optimizer):
         """A re-pointing mutation of a near-best member, or (``prune_crossover``) a layer-group crossover of two."""
         t, s, blocks = self.codec.template, self.settings, self.codec.expert_groups
         # an optimiser pickled before these knobs (opened None) keeps the paper's rule it was started with
-        share = 0.0 if self.opened is None else getattr(s, "prune_crossover", 0.0)
+        share = 0.0 if self.opened is None else s.prune_crossover
         scored = list(self.population.values())
         pool = parents(scored, s.crossover_margin, s.crossover_min_parents) if share > 0 else []
         if len(pool) >= 2 and self.rng.random() < share:   # the paper (share 0) draws no number here

@@ -15,7 +15,7 @@ from eep.genome import Genome
 from eep.search.loop import Batch, Racing, run_phase
 from eep.search.archive import Archive
 from eep.search.proposers import make_proposer
-from eep.search.strategy import EEPSettings
+from eep.search.strategy import EEPSettings, pruning_space
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,12 @@ def run_plan(state: SearchState, evaluate,
                 if on_evaluated is not None:
                     on_evaluated(genome, result, phase_name)
 
-            run_phase(state.proposer, state.archive, evaluate, phase.name, phase.budget, after, stop=stop,
+            budget = phase.budget if phase.name != "prune" else min(phase.budget, pruning_space(
+                state.template, state.expert_groups))   # e.g. 8 of 8 experts (k' < k only): one genome in all
+            run_phase(state.proposer, state.archive, evaluate, phase.name, budget, after, stop=stop,
                       ask_batch=state.ask_batch, batch=state.batch,
                       checkpoint=None if checkpoint is None else lambda: checkpoint(state), racing=state.racing)
-            if stop is not None and stop() and state.archive.count(phase.name) < phase.budget:
+            if stop is not None and stop() and state.archive.count(phase.name) < budget:
                 return state
         state.phase_index += 1
         state.proposer = None

@@ -3,11 +3,12 @@
 Pruning phase: a child re-points rows of its parent's kept subsets (each layer group changes with probability
 ``group_change``; in a changing group each row is re-pointed with probability ``row_repoint`` to an expert no other
 row uses), or (with probability ``prune_crossover``, 0 in the paper) takes each layer group's subset from one of two
-near-best parents (``crossover_groups``). Merging phase: Gaussian noise on both matrices, row-wise crossover of two parents, occasional row
-renormalisation of ``W_EM``. Parents are drawn uniformly among archive members within ``parent_margin`` of the best.
+near-best parents (``crossover_groups``). Merging phase: Gaussian noise on both matrices, row-wise crossover of two
+parents, occasional row renormalisation of ``W_EM``. Parents are drawn uniformly among archive members within ``parent_margin`` of the best.
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,16 @@ class EEPSettings:
     # beyond the paper (docs/methods.md section 3.2); search=paper sets 0.0 and None, the paper's strategy
     prune_crossover: float = 0.3    # pruning: probability that a child is a layer-group crossover of two parents
     seeded_random: int | None = 4   # random subsets drawn after a seeded first generation (None: up to population)
+
+
+def subsets_per_group(num_experts: int, num_kept: int, expert_groups: int = 1) -> int:
+    """How many kept subsets one layer group can take: ``C(E / b, E' / b) ** b`` for ``b`` expert blocks."""
+    return math.comb(num_experts // expert_groups, num_kept // expert_groups) ** expert_groups
+
+
+def pruning_space(template: Genome, expert_groups: int = 1) -> int:
+    """How many distinct pruning genomes ``template``'s shape has: ``subsets_per_group ** G``."""
+    return subsets_per_group(template.num_experts, template.num_kept, expert_groups) ** len(template.groups)
 
 
 def random_subsets(groups: int, num_experts: int, num_kept: int, rng: random.Random,
