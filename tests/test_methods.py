@@ -334,3 +334,14 @@ def test_skills_mixtral_results_export_and_reload_with_plain_transformers(tmp_pa
     agree = (logits(reloaded, cal).argmax(-1) == candidate.argmax(-1))[mask].float().mean()
     assert agree > 0.9 > (full.argmax(-1) == candidate.argmax(-1))[mask].float().mean()
     assert 0.8 < result.router_top_k_overlap < 1.0
+
+
+def test_enumeration_says_how_many_subsets_it_scores_per_layer():
+    """What decides whether ``enumeration`` joins a search's first generation (``eep.app.seeding``): exhaustive up
+    to ``max_subsets``, greedy elimination's ``sum_{n=E'+1}^{E} n`` beyond it, nothing for a grouped router."""
+    from eep.methods.enumeration import subsets_scored
+
+    assert subsets_scored(8, 4) == 70 and subsets_scored(8, 2) == 28
+    assert subsets_scored(32, 8) == sum(range(9, 33)) == 492 and subsets_scored(64, 16) == 1944
+    assert subsets_scored(256, 32, expert_groups=8) is None
+    assert subsets_scored(256, 32, expert_groups=8, fallback="sample") == 10000

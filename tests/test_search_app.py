@@ -217,8 +217,8 @@ def method_genomes(cfg, methods, num_kept=8, top_k=4):
 
 def test_the_first_generation_holds_the_statistics_genomes(tmp_path):
     """The default ``search.init_from``: REAP's, soft activation's and frequency's genomes (one calibration pass)
-    are the first evaluations, in that order, duplicates once; enumeration is left out at C(32, 8) subsets per layer;
-    the rest of the budget is the strategy's (random subsets, then children). The statistics are saved, and a run
+    and enumeration's are the first evaluations, in that order, duplicates once (enumeration by greedy elimination:
+    C(32, 8) subsets per layer are too many, its 492 greedy steps are not); the rest of the budget is the strategy's (random subsets, then children). The statistics are saved, and a run
     given ``statistics=<file>`` starts from the same genomes without calibrating."""
     cfg = config(TINY)
     assert list(cfg.search.init_from) == ["reap", "soft_activation", "frequency", "enumeration"]
@@ -232,7 +232,7 @@ def test_the_first_generation_holds_the_statistics_genomes(tmp_path):
                               report["search_full"]["forward_tokens"], "candidates": 7,
                               "seconds": round(report["search_seconds"], 2)}
     want = list(dict.fromkeys(g.content_hash() for g in method_genomes(cfg, ["reap", "soft_activation",
-                                                                             "frequency"]).values()))
+                                                                             "frequency", "enumeration"]).values()))
     assert [r["genome_hash"] for r in rows[:len(want)]] == want and all(r["phase"] == "prune" for r in rows[:5])
     assert len(rows) == 7 and len({r["genome_hash"] for r in rows}) == 7
     stats = tmp_path / "run" / "statistics.safetensors"

@@ -4,8 +4,9 @@
 fills the rest of its first generation with random subsets. ``frequency``, ``soft_activation`` and ``reap`` come from
 one pass over the search split's first ``evaluator.limit`` documents (``eep.methods.expert_scores``), saved to the run
 folder as ``statistics.safetensors`` and reused without calibrating by ``statistics=<file>`` (any E' or k', here or
-in eep-compare). ``enumeration`` runs only where every layer has at most :data:`ENUMERATION_LIMIT` subsets (logged
-otherwise). With depth groups (``search.layer_groups`` a number) a statistic keeps the experts of highest score summed
+in eep-compare). ``enumeration`` runs only where it scores at most :data:`ENUMERATION_LIMIT` subsets per layer
+(exhaustively, or by greedy elimination where ``C(E, E')`` is larger: ``eep.methods.enumeration.subsets_scored``;
+logged otherwise). With depth groups (``search.layer_groups`` a number) a statistic keeps the experts of highest score summed
 over the group's layers, and a per-layer genome the experts its layers keep most often.
 """
 from __future__ import annotations
@@ -17,12 +18,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from eep.genome import Genome
-from eep.search.strategy import subsets_per_group
 from eep.settings import init_methods
 
 log = logging.getLogger("eep.search")
 
-ENUMERATION_LIMIT = 10_000   # C(E, E') per layer above which enumeration is left out of the first generation
+ENUMERATION_LIMIT = 10_000   # subsets scored per layer above which enumeration is left out of the first generation
 STATISTICS_FILE = "statistics.safetensors"
 
 
@@ -38,9 +38,9 @@ def seed_genomes(cfg: DictConfig, session, template: Genome, run_dir: Path) -> l
     for method in methods:
         if method in scores:
             genome = genome_from_scores(session.mat, scores[method], template)
-        elif method.startswith("enumeration") and subsets > ENUMERATION_LIMIT:
-            log.info("search.init_from: %s left out (C(%d, %d) = %d subsets per layer > %d)", method,
-                     template.num_experts, template.num_kept, subsets, ENUMERATION_LIMIT)
+        elif method.startswith("enumeration") and (subsets is None or subsets > ENUMERATION_LIMIT):
+            log.info("search.init_from: %s left out (it would score %s subsets per layer of C(%d, %d); limit %d)",
+                     method, subsets, template.num_experts, template.num_kept, ENUMERATION_LIMIT)
             continue
         else:
             genome = compute(method, session.model, session.mat, calibration(), num_kept=template.num_kept,
@@ -53,8 +53,10 @@ def seed_genomes(cfg: DictConfig, session, template: Genome, run_dir: Path) -> l
     return out
 
 
-def _subsets(template: Genome, session) -> int:
-    return subsets_per_group(template.num_experts, template.num_kept, session.mat.adapter.expert_groups)
+def _subsets(template: Genome, session) -> int | None:
+    from eep.methods.enumeration import subsets_scored
+
+    return subsets_scored(template.num_experts, template.num_kept, session.mat.adapter.expert_groups)
 
 
 def _calibration(cfg: DictConfig, session) -> dict:

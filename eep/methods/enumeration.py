@@ -86,6 +86,19 @@ def _sampled(problem: LayerProblem, blocks, tries: int, seed: int) -> list[int]:
     return list(min(sorted(draws), key=lambda s: problem.error(list(s))))
 
 
+def subsets_scored(num_experts: int, num_kept: int, expert_groups: int = 1, max_subsets: int = 10000,
+                   fallback: str = "greedy") -> int | None:
+    """How many subsets :func:`best_subset` scores per layer: ``C(E, E')`` (per expert block) when that is at most
+    ``max_subsets``; greedy backward elimination's ``sum_{n = E'+1}^{E} n`` (one router block only); the
+    ``max_subsets`` samples of ``fallback="sample"``; None where no rule applies (the method raises)."""
+    count = math.comb(num_experts // expert_groups, num_kept // expert_groups) ** expert_groups
+    if count <= max_subsets:
+        return count
+    if fallback == "greedy" and expert_groups == 1:
+        return (num_experts * (num_experts + 1) - num_kept * (num_kept + 1)) // 2
+    return max_subsets if fallback == "sample" else None
+
+
 def best_subset(problem: LayerProblem, num_kept: int, max_subsets: int, fallback: str, seed: int) -> tuple[list, str]:
     """The kept subset of least error and how it was found (``exhaustive``, ``greedy`` or ``sample``)."""
     blocks = per_block(problem.materializer, problem.layer, num_kept)
