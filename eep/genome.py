@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -35,6 +36,12 @@ def depth_groups(num_layers: int, num_groups: int | None) -> tuple[tuple[int, ..
         raise GenomeError(f"layer_groups={num_groups} must be between 1 and the number of MoE layers ({num_layers})")
     bounds = [round(g * num_layers / num_groups) for g in range(num_groups + 1)]
     return tuple(tuple(range(bounds[g], bounds[g + 1])) for g in range(num_groups))
+
+
+def subset_count(num_experts: int, num_kept: int, expert_groups: int = 1) -> int:
+    """How many kept subsets one layer (group) can take: ``C(E / b, E' / b) ** b``, the same number of experts kept
+    in each of ``b`` contiguous expert blocks (``b = 1`` except for grouped routers)."""
+    return math.comb(num_experts // expert_groups, num_kept // expert_groups) ** expert_groups
 
 
 def _one_hot(kept: Sequence[int], num_experts: int) -> torch.Tensor:

@@ -23,7 +23,7 @@ import math
 import torch
 
 from eep.arch import MoELayer
-from eep.genome import Genome
+from eep.genome import Genome, subset_count
 from eep.materialize import Materializer
 from eep.methods.registry import MethodError, register
 from eep.methods.result import MethodResult
@@ -91,7 +91,7 @@ def subsets_scored(num_experts: int, num_kept: int, expert_groups: int = 1, max_
     """How many subsets :func:`best_subset` scores per layer: ``C(E, E')`` (per expert block) when that is at most
     ``max_subsets``; greedy backward elimination's ``sum_{n = E'+1}^{E} n`` (one router block only); the
     ``max_subsets`` samples of ``fallback="sample"``; None where no rule applies (the method raises)."""
-    count = math.comb(num_experts // expert_groups, num_kept // expert_groups) ** expert_groups
+    count = subset_count(num_experts, num_kept, expert_groups)
     if count <= max_subsets:
         return count
     if fallback == "greedy" and expert_groups == 1:

@@ -4,18 +4,18 @@ Pruning phase: a child re-points rows of its parent's kept subsets (each layer g
 ``group_change``; in a changing group each row is re-pointed with probability ``row_repoint`` to an expert no other
 row uses), or (with probability ``prune_crossover``, 0 in the paper) takes each layer group's subset from one of two
 near-best parents (``crossover_groups``). Merging phase: Gaussian noise on both matrices, row-wise crossover of two
-parents, occasional row renormalisation of ``W_EM``. Parents are drawn uniformly among archive members within ``parent_margin`` of the best.
+parents, occasional row renormalisation of ``W_EM``. Parents are drawn uniformly among archive members within
+``parent_margin`` of the best.
 """
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from eep.genome import Genome
+from eep.genome import Genome, subset_count
 
 
 @dataclass
@@ -38,14 +38,9 @@ class EEPSettings:
     seeded_random: int | None = 4   # random subsets drawn after a seeded first generation (None: up to population)
 
 
-def subsets_per_group(num_experts: int, num_kept: int, expert_groups: int = 1) -> int:
-    """How many kept subsets one layer group can take: ``C(E / b, E' / b) ** b`` for ``b`` expert blocks."""
-    return math.comb(num_experts // expert_groups, num_kept // expert_groups) ** expert_groups
-
-
 def pruning_space(template: Genome, expert_groups: int = 1) -> int:
-    """How many distinct pruning genomes ``template``'s shape has: ``subsets_per_group ** G``."""
-    return subsets_per_group(template.num_experts, template.num_kept, expert_groups) ** len(template.groups)
+    """How many distinct pruning genomes ``template``'s shape has: ``subset_count ** G``."""
+    return subset_count(template.num_experts, template.num_kept, expert_groups) ** len(template.groups)
 
 
 def random_subsets(groups: int, num_experts: int, num_kept: int, rng: random.Random,
