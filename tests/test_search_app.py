@@ -78,9 +78,9 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch):
     """Dies mid-candidate (as under SIGKILL: the candidate in flight is lost), then ``resume=<folder>``. The search
-    evaluator's calls: the full model (the baseline), the three distinct statistics' genomes of the first
-    generation (one batch), then the strategy's candidates on racing's slice: the sixth call dies in the
-    pruning phase's second batch, after the first generation was committed."""
+    evaluator's calls: the full model (the baseline), the four distinct genomes of the first generation (REAP's,
+    soft activation's, frequency's and enumeration's, one batch), then the strategy's candidates on racing's slice:
+    the sixth call dies in the pruning phase's second batch, after the first generation was committed."""
     from eep.evaluate.evaluator import Evaluator
 
     full = tmp_path / "full"
@@ -99,7 +99,7 @@ def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         app.run(config(TINY), killed)
     monkeypatch.undo()
-    assert len((killed / "evaluations.jsonl").read_text().splitlines()) == 3
+    assert len((killed / "evaluations.jsonl").read_text().splitlines()) == 4
     with pytest.raises(UserError, match="resume_force=true"):
         app.run(config([*TINY, "seed=5", f"resume={killed}"]), tmp_path / "ignored")
     app.run(config([*TINY, f"resume={killed}"]), killed)
