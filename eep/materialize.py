@@ -43,7 +43,14 @@ class _Route:
 MASKED = "masked"   # ``installed`` value of a layer whose router is the masked (pruning) one
 
 
-RoutingPatch = Callable[[torch.Tensor], torch.Tensor]   # routing weights [T, k'] -> [T, k'] (e.g. dynamic skipping)
+# ``(weights [T, k'], slots long[T, k']) -> (weights, slots)`` after the family's rule (e.g. dynamic skipping); a
+# patch may send a (token, slot) pair to the sentinel slot ``E`` (the experts module's ``num_experts``) with weight 0:
+# the experts then do not compute that pair (see ``Materializer.patch_routing``)
+RoutingPatch = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _patched(fn: RoutingPatch | None, weights: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (weights, slots) if fn is None else fn(weights, slots)
 
 
 def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch: Callable[[], RoutingPatch | None]):
@@ -55,8 +62,7 @@ def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch
     def forward(hidden_states: torch.Tensor):
         full = adapter.logits(router, hidden_states, router.weight)
         logits, weights, idx = adapter.route_mapped(router, full, route.router_map, route.used, route.top_k)
-        fn = patch()
-        return logits, fn(weights) if fn is not None else weights, route.slots[idx]
+        return (logits, *_patched(patch(), weights, route.slots[idx]))
 
     return forward
 
@@ -72,8 +78,7 @@ def _masked_forward(adapter: MoEAdapter, router: nn.Module, state: Materializer,
         buffers = {b: getattr(router, b) for b in names}
         keep = state.keeps[device][index]
         weights, idx = adapter.route_masked(router, logits, keep, state.keep_top_k, buffers)
-        fn = state.route_patches.get(index)
-        return logits.masked_fill(~keep, float("-inf")), fn(weights) if fn is not None else weights, idx
+        return (logits.masked_fill(~keep, float("-inf")), *_patched(state.route_patches.get(index), weights, idx))
 
     return forward
 
@@ -91,6 +96,7 @@ class Materializer:
         self.remerged_layers = 0                                       # layers re-merged by the last apply
         self.installed: dict[int, str | None] = {}                     # layer -> MASKED, or None (merged route)
         self.route_patches: dict[int, RoutingPatch] = {}               # layer -> routing patch (cleared by restore)
+        self._sentinel_flags: dict[int, bool] = {}                     # layer -> experts' original EP flag
         self.keeps = {d: torch.ones(len(self.layers), self.adapter.num_experts, dtype=torch.bool, device=d)
                       for d in dict.fromkeys(layer.router.weight.device for layer in self.layers)}
         self.keep = next(iter(self.keeps.values()))   # bool[L, E]: experts each pruning layer routes (one per device)
@@ -144,11 +150,28 @@ class Materializer:
         self.installed[layer.index] = kind
 
     def patch_routing(self, patches: dict[int, RoutingPatch] | None) -> None:
-        """Post-process the routing weights of MoE layers (``{layer: weights [T, k'] -> [T, k']}``) on top of the
-        applied genome, e.g. dynamic skipping; ``None`` removes them. ``restore()`` removes them too."""
+        """Post-process the routing of MoE layers (``{layer: (weights, slots) -> (weights, slots)}``) on top of the
+        applied genome, e.g. dynamic skipping; ``None`` removes them. ``restore()`` removes them too.
+
+        A patch may route a (token, slot) pair to the sentinel slot ``experts.num_experts`` (weight 0), and that pair
+        is then not computed: transformers' eager experts loop skips the sentinel class, and its ``grouped_mm`` kernel
+        drops rows past the last real expert when the experts module is flagged expert-parallel, which this method
+        sets on the patched layers (and restores). ``batched_mm`` clamps the sentinel and computes it with weight 0.
+        """
         if patches and self.genome is None:
             raise RuntimeError("apply a genome before patching routing (Genome.identity for the full model)")
+        self._set_sentinel_flags(patches or {})
         self.route_patches = dict(patches or {})
+
+    def _set_sentinel_flags(self, patches: dict) -> None:
+        """transformers' ``_is_expert_parallel`` flag on the experts of patched layers (originals remembered), the
+        switch under which its fused kernels mask sentinel slots instead of indexing past the last expert."""
+        for layer in self.layers:
+            experts = layer.experts
+            if not hasattr(experts, "_is_expert_parallel"):
+                continue
+            original = self._sentinel_flags.setdefault(layer.index, experts._is_expert_parallel)
+            experts._is_expert_parallel = True if layer.index in patches else original
 
     def forget_bank(self) -> None:
         """Drop the banked original experts: call after changing expert weights in place while restored (no merged
@@ -186,6 +209,7 @@ class Materializer:
             layer.router.__dict__.pop("forward", None)
         self.installed.clear()
         self._masked_everywhere = False
+        self._set_sentinel_flags({})
         self.route_patches = {}
         self.genome = None
 

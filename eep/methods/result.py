@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ class MethodResult:
     rewrite: ExpertRewrite | None = None
     routing: dict[int, RoutingPatch] | None = None
     info: dict = field(default_factory=dict)
+    save_routing: Callable[[Path], Path] | None = None   # writes the routing patch into an export folder
 
 
 @contextmanager
@@ -94,13 +96,17 @@ def export_result(materializer: Materializer, result: MethodResult, folder: str 
     notes = []
     if result.routing:
         notes.append("dynamic skipping is a runtime routing patch: plain transformers ignores it, so this checkpoint "
-                     "routes plain top-k' (the betas are in eep_export.json, method_info)")
+                     "loaded alone routes plain top-k'; eep.methods.skipping.load_skipping(model, folder) applies "
+                     "the betas saved in skipping.json" if result.save_routing else
+                     "a runtime routing patch that this checkpoint does not carry: it routes plain top-k'")
     if result.rewrite is not None:
         notes.append(f"expert weights rewritten by {result.rewrite.kind} before merging")
     provenance["method_notes"] = notes
     with applied(materializer, result):
         out = export(materializer.model, result.genome, folder, tokenizer, materializer=materializer,
                      calibration=calibration, provenance=provenance, rescore=rescore)
+    if result.routing and result.save_routing is not None:
+        result.save_routing(Path(folder))
     card = Path(folder) / "README.md"
     lines = ["", f"## Method: {result.method}", ""] + [f"- {n}" for n in notes]
     lines.append(f"- info: `{json.dumps(result.info, default=str)[:2000]}`")
