@@ -62,6 +62,12 @@ def test_a_tiny_search_writes_its_outputs_and_a_finished_run_changes_nothing(tmp
     assert 0 <= report["test"]["full"] <= 1 and report["experts"] == {"before": 32, "after": 8}
     gen = report["generation"]
     assert gen["exported"]["weight_bytes"] < gen["full"]["weight_bytes"] and gen["full"]["tokens_per_second"] > 0
+    saved = report["savings"]   # 8 of 32 experts: the parameters counted from the config are what the file holds
+    assert saved["parameter_bytes"]["exported"] == 4 * report["parameters"]["after"]["total"]
+    for side in ("full", "exported"):   # the files add a safetensors header (a few KiB) to the float32 weights
+        assert 0 < saved["checkpoint_bytes"][side] - saved["parameter_bytes"][side] < 2**16
+    assert all(ratio > 0 for ratio in saved["speed_vs_full"].values())
+    assert "saved: checkpoint files" in (run_dir / "report.md").read_text()
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     assert app.run(config([*TINY, f"resume={run_dir}"]), run_dir) is None
     assert "is finished; nothing to do" in capsys.readouterr().out

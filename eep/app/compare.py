@@ -34,13 +34,20 @@ log = logging.getLogger("eep.compare")
 SEARCH = "eep"   # the EEP search itself, listed after the registered methods
 CSV, MD, PNG, ROWS = "compare.csv", "compare.md", "compare.png", "compare.jsonl"
 CONFIG, RUN = "compare_config.yaml", "compare_run.json"
-COLUMNS = ["method", "num_experts", "top_k", "test_score", "test_std", "runs", "seconds", "notes"]
+COLUMNS = ["method", "num_experts", "top_k", "test_score", "test_std", "runs", "seconds", "bytes", "bytes_from",
+           "speed_vs_full", "notes"]
+SPEED_DOCS = 16   # calibration documents whose prefill is timed for ``speed_vs_full``
 
 
 @dataclass
 class Row:
     """One method at one expert count: ``test_score`` is the task's metric as lm-eval reports it (the mean over
-    seeds for ``random``, with ``test_std``), ``seconds`` the method's own time (the search's, for ``eep``)."""
+    seeds for ``random``, with ``test_std``), ``seconds`` the method's own time (the search's, for ``eep``).
+
+    ``bytes``: the model's parameter bytes, from its saved checkpoint's weight files where one was written
+    (``bytes_from="checkpoint"``: ``compare.export=true``, and the search's export), else counted from the shapes
+    (``"count"``); ``speed_vs_full``: prefill tokens per second on ``SPEED_DOCS`` calibration documents over the full
+    model's (the candidate in place; the search's exported model), one run on this machine."""
 
     method: str
     num_experts: int
@@ -51,6 +58,9 @@ class Row:
     seconds: float = 0.0
     notes: str = ""
     scores: list[float] = field(default_factory=list)
+    bytes: int | None = None
+    bytes_from: str | None = None
+    speed_vs_full: float | None = None
 
 
 def all_methods() -> list[str]:
@@ -192,23 +202,40 @@ class Comparison:
         return reports.reported_value(score, self.names)
 
     def full_row(self) -> Row:
+        from eep.evaluate.measure import checkpoint_bytes, parameter_bytes
+
         self.load()
         adapter = self.mat.adapter
-        return Row("full", adapter.num_experts, adapter.top_k, self.score())
+        files = checkpoint_bytes(getattr(self.model, "name_or_path", None))
+        return Row("full", adapter.num_experts, adapter.top_k, self.score(),
+                   bytes=files or parameter_bytes(self.model), bytes_from="checkpoint" if files else "count",
+                   speed_vs_full=1.0)
+
+    def speed(self) -> float:
+        """The model's prefill speed as it computes now over the full model's (timed once per comparison)."""
+        from eep.evaluate.measure import prefill_speed
+
+        batch = {k: v[:SPEED_DOCS] for k, v in self.calibration.items()}
+        if "_full_speed" not in self.__dict__:
+            with self.mat.preserved():
+                self._full_speed = prefill_speed(self.model, batch)
+        return prefill_speed(self.model, batch) / self._full_speed
 
     def row(self, method: str, kept: int, top_k: int) -> Row:
         if method == SEARCH:
             return self.search(kept, top_k)
         self.load()
         seeds = range(self.cfg.compare.random_seeds) if method == "random" else [0]
-        scores, seconds, notes = [], 0.0, ""
+        scores, seconds, notes, measured = [], 0.0, "", {}
         for seed in seeds:
             result, took = self._compute(method, kept, top_k, self.cfg.seed + seed)
-            scores.append(self._score_result(result))
+            score, measured = self._score_result(result)
+            scores.append(score)
             seconds += took
             notes = _notes(result.info)
         std = statistics.stdev(scores) if len(scores) > 1 else None
-        row = Row(method, kept, top_k, statistics.fmean(scores), std, len(scores), round(seconds, 2), notes, scores)
+        row = Row(method, kept, top_k, statistics.fmean(scores), std, len(scores), round(seconds, 2), notes, scores,
+                  **measured)
         log.info("%s at E'=%d: test %.4f", method, kept, row.test_score)
         return row
 
@@ -238,15 +265,22 @@ class Comparison:
             self._scores = load_scores(self.cfg.statistics, len(adapter.layers), adapter.num_experts)[0]
         return self._scores
 
-    def _score_result(self, result) -> float:
+    def _score_result(self, result) -> tuple[float, dict]:
+        """The result's test score, and its ``bytes`` / ``bytes_from`` / ``speed_vs_full`` for the row."""
+        from eep.evaluate.measure import checkpoint_bytes, parameter_counts
         from eep.methods import applied, export_result
 
         with applied(self.mat, result):
             value = self.score()
+            speed = self.speed()
+        element = next(self.model.parameters()).element_size()
+        measured = {"bytes": element * parameter_counts(self.model, self.mat.adapter, result.genome.num_kept)["total"],
+                    "bytes_from": "count", "speed_vs_full": speed}
         if self.cfg.compare.export:
             folder = self.run_dir / "models" / f"{result.method}_E{result.genome.num_kept}"
             export_result(self.mat, result, folder, self.tok, calibration=self.calibration)
-        return value
+            measured.update(bytes=checkpoint_bytes(folder), bytes_from="checkpoint")
+        return value, measured
 
     def search(self, kept: int, top_k: int) -> Row | None:
         """The EEP search at this count, as its own ``eep-search`` run in ``eep_E<n>/``: resumed there if a stopped
@@ -262,9 +296,11 @@ class Comparison:
             report = json.loads((folder / "report.json").read_text())
         if not report:  # stopped at its time limit, resumable
             return None
+        saved = report.get("savings") or {}
         return Row(SEARCH, kept, top_k, float(report["test"]["best_in_place"]), None, 1,
                    round(time.perf_counter() - start, 2), f"search run: {folder.name}/, "
-                   f"{report['evaluations']} evaluations")
+                   f"{report['evaluations']} evaluations", bytes=(saved.get("checkpoint_bytes") or {}).get("exported"),
+                   bytes_from="checkpoint", speed_vs_full=(saved.get("speed_vs_full") or {}).get("prefill"))
 
 
 def _calibration(cfg: DictConfig, model, tok) -> dict:
@@ -335,12 +371,14 @@ def write_outputs(cfg: DictConfig, run_dir: Path, rows: list[Row]) -> None:
 
 
 def _markdown(rows: list[Row]) -> str:
-    lines = ["| method | experts | top-k | test score | spread (std) | runs | seconds | notes |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| method | experts | top-k | test score | spread (std) | runs | seconds | MiB | prefill speed | notes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         std = "" if r.test_std is None else f"{r.test_std:.4f}"
+        mib = "" if r.bytes is None else f"{r.bytes / 2**20:.2f}{'' if r.bytes_from == 'checkpoint' else ' (count)'}"
+        speed = "" if r.speed_vs_full is None else f"{r.speed_vs_full:.2f}x"
         lines.append(f"| {r.method} | {r.num_experts} | {r.top_k} | {r.test_score:.4f} | {std} | {r.runs} | "
-                     f"{r.seconds} | {r.notes} |")
+                     f"{r.seconds} | {mib} | {speed} | {r.notes} |")
     return "\n".join(lines)
 
 

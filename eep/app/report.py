@@ -59,8 +59,23 @@ def write_report(run_dir: Path, report: dict) -> None:
              f"{report['generation']['exported']['tokens_per_second']:.0f} tokens/s; weights "
              f"{report['generation']['full']['weight_bytes'] / 2**20:.1f} -> "
              f"{report['generation']['exported']['weight_bytes'] / 2**20:.1f} MiB",
+             *_saved_lines(report.get("savings")),
              f"- best genome: `{report['best_hash']}` (exact export: {report['export']['exact']})"]
     write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _mib(value) -> str:
+    return "?" if value is None else f"{value / 2**20:.1f} MiB"
+
+
+def _saved_lines(saved: dict | None) -> list[str]:
+    """report.md's lines on what the export saves (reports written before ``savings`` existed have none)."""
+    if not saved:
+        return []
+    files, speed = saved["checkpoint_bytes"], saved["speed_vs_full"]
+    return [f"- saved: checkpoint files {_mib(files['full'])} -> {_mib(files['exported'])}; exported model's speed "
+            f"over the full model's on this machine: generation {speed['generation']:.2f}x, prefill "
+            f"{speed['prefill']:.2f}x (one run: timings of small models vary by about 10%)"]
 
 
 def first_metric(score, task: str) -> float:
@@ -90,10 +105,10 @@ def plot_usage(before, after, path: Path) -> None:
 
 
 def measurements(session, best, reloaded, validator, run_dir: Path) -> dict:
-    """Expert usage before and after (``usage.png``) on 32 validation documents, and greedy generation speed of
-    the full model and the exported checkpoint (``reloaded``) on their prompts."""
+    """Expert usage before and after (``usage.png``) on 32 validation documents, and the speed of the full model and
+    the exported checkpoint (``reloaded``) on them: greedy generation on their prompts, prefill on the documents."""
     from eep.evaluate.calibration import calibration_tokens
-    from eep.evaluate.measure import expert_usage, generation_speed
+    from eep.evaluate.measure import expert_usage, generation_speed, prefill_speed
 
     model, tok, mat = session.model, session.tok, session.mat
     batch = calibration_tokens(validator, tok, n=32)
@@ -101,7 +116,21 @@ def measurements(session, best, reloaded, validator, run_dir: Path) -> dict:
         usage_after = expert_usage(model, mat.adapter, batch)
     plot_usage(expert_usage(model, mat.adapter, batch), usage_after, run_dir / "usage.png")
     prompts = calibration_tokens(validator, tok, n=32, padding_side="left", prompts_only=True)
-    return {"full": generation_speed(model, prompts), "exported": generation_speed(reloaded, prompts)}
+    return {name: {**generation_speed(m, prompts), "prefill_tokens_per_second": prefill_speed(m, batch)}
+            for name, m in (("full", model), ("exported", reloaded))}
+
+
+def savings(model, export_folder, speed: dict) -> dict:
+    """What the export saves, measured: checkpoint bytes (weight files; the full model's where it was loaded from a
+    local folder) and the exported model's generation and prefill speed over the full model's (one run)."""
+    from eep.evaluate.measure import checkpoint_bytes
+
+    full, exported = speed["full"], speed["exported"]
+    return {"checkpoint_bytes": {"full": checkpoint_bytes(getattr(model, "name_or_path", None)),
+                                 "exported": checkpoint_bytes(export_folder)},
+            "parameter_bytes": {"full": full["weight_bytes"], "exported": exported["weight_bytes"]},
+            "speed_vs_full": {"generation": exported["tokens_per_second"] / full["tokens_per_second"],
+                              "prefill": exported["prefill_tokens_per_second"] / full["prefill_tokens_per_second"]}}
 
 
 def search_report(cfg, session, state, best, picked: dict, full: dict, exported, search: dict, tester,
@@ -132,6 +161,7 @@ def search_report(cfg, session, state, best, picked: dict, full: dict, exported,
         "search_full": state.extra.get("baseline"), "search_seconds": search["search_seconds"],
         "cost": search.get("cost"), "fitness": cfg.search.get("fitness", "task"),
         "evaluations": len(state.archive.entries), "generation": speed,
+        "savings": savings(model, exported.folder, speed),
         "best_hash": best.content_hash(), "validation_candidates": picked["candidates"],
         "export": {"exact": exported.exact, "router_top_k_overlap": exported.router_top_k_overlap},
         "seed": cfg.seed, "versions": state.extra.get("versions"),

@@ -1,7 +1,9 @@
 """What a compressed model saves, measured: parameters, expert usage per layer, generation throughput and memory."""
 from __future__ import annotations
 
+import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,5 +60,41 @@ def generation_speed(model, batch: dict, new_tokens: int = 16) -> dict:
     out = {"tokens_per_second": batch["input_ids"].shape[0] * new_tokens / seconds}
     if device.type == "cuda":
         out["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
-    out["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    out["weight_bytes"] = parameter_bytes(model)
     return out
+
+
+def checkpoint_bytes(folder) -> int | None:
+    """Bytes of a saved checkpoint's weight files (``*.safetensors``, else ``*.bin``); None where ``folder`` is not a
+    local folder holding any (a model loaded from the Hub cache by name)."""
+    folder = Path(str(folder)) if folder else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of the loaded parameters (``numel * element_size`` summed)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prefill_speed(model, batch: dict, repeats: int = 3) -> float:
+    """Prefill throughput: real tokens of ``batch`` (``attention_mask`` summed) per second of one forward, the median
+    of ``repeats`` after one warm-up forward."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch.no_grad():
+        once()
+        seconds = statistics.median(once() for _ in range(repeats))
+    return float(batch["attention_mask"].sum()) / seconds
