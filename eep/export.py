@@ -139,6 +139,7 @@ def export(model: nn.Module, genome: Genome, folder: str | Path, tokenizer=None,
         routers, result.router_top_k_overlap = refit_routers(materializer, genome, **calibration)
         result.notes.append("merging genome: gates refit by least squares (not exact); "
                             f"top-{genome.top_k} overlap with the in-place candidate {result.router_top_k_overlap:.3f}")
+    result.notes.extend(serving_notes(genome.num_kept))
     state = exported_state_dict(materializer, genome, routers)
     _save(model, adapter, genome, state, folder)
     if tokenizer is not None:
@@ -147,6 +148,24 @@ def export(model: nn.Module, genome: Genome, folder: str | Path, tokenizer=None,
         _rescore(model, materializer, genome, folder, rescore, result)
     _write_card(folder, model, genome, result, provenance or {})
     return result
+
+
+EXPERT_PARALLEL_SIZES = (2, 4, 8)   # the expert-parallel sizes serving deployments commonly use
+
+
+def serving_notes(num_kept: int) -> list[str]:
+    """What a serving stack should know about ``E'`` experts per layer (each also logged as a warning): E' not
+    divisible by a common expert-parallel size means unequal expert shards (or a refusal) at that size. That E' is
+    divisible by the router's expert groups (DeepSeek-V3's ``n_group``) is checked before, by the adapter's
+    ``validate``, which refuses other genomes."""
+    uneven = [size for size in EXPERT_PARALLEL_SIZES if size <= num_kept and num_kept % size]
+    if not uneven:
+        return []
+    note = (f"E'={num_kept} experts per layer is not divisible by expert-parallel size(s) "
+            f"{', '.join(map(str, uneven))}: serving with expert parallelism at those sizes gives ranks unequal "
+            f"expert counts or is refused; tensor parallelism and the other sizes are unaffected")
+    log.warning(note)
+    return [note]
 
 
 def _rescore(model, materializer: Materializer, genome: Genome, folder: Path, rescore, result: ExportResult) -> None:

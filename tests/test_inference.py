@@ -1,4 +1,5 @@
-"""Dynamic skipping that skips: sentinel slots, every experts kernel, export with skipping.json and its loader."""
+"""What inference saves: dynamic skipping that skips (sentinel slots, every experts kernel, skipping.json and its
+loader) and the notes an export gives serving stacks."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -102,3 +103,16 @@ def test_an_export_carries_skipping_json_and_load_skipping_reproduces_the_candid
     loaded.restore()
     with pytest.raises(ValueError, match="holds betas for 3 MoE layers"):
         load_skipping(build_tiny("qwen3_moe", num_hidden_layers=2), tmp_path / "skip")
+
+
+def test_an_expert_count_that_expert_parallel_sizes_do_not_divide_is_noted(tmp_path, caplog):
+    from eep.export import export, serving_notes
+    from eep.genome import Genome
+
+    assert serving_notes(8) == [] and serving_notes(4) == [] and serving_notes(1) == []
+    assert "size(s) 4" in serving_notes(6)[0] and "size(s) 2, 4" in serving_notes(5)[0]
+    model = build_tiny("mixtral")
+    with caplog.at_level("WARNING", logger="eep.export"):
+        out = export(model, Genome.pruning([[0, 1, 2, 3, 4, 5]] * 3, 8, 2), tmp_path / "six")
+    assert any("not divisible by expert-parallel size(s) 4" in n for n in out.notes)
+    assert "size(s) 4" in caplog.text and "size(s) 4" in (tmp_path / "six" / "README.md").read_text()
