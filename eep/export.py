@@ -13,6 +13,7 @@ from torch import nn
 
 import eep
 from eep.arch import MoEAdapter
+from eep.arch.base import lookup
 from eep.genome import Genome, GenomeError
 from eep.materialize import Materializer, merge_experts
 
@@ -42,28 +43,33 @@ def exported_state_dict(materializer: Materializer, genome: Genome,
                         routers: dict[int, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The base model's state dict with every MoE layer cut to ``E'`` experts.
 
-    Pruning layers: router rows, per-expert router buffers and both fused expert tensors sliced to the kept experts.
-    Merging layers: ``W_EM @ W`` from the original experts, router rows from ``routers[layer]`` (a refit gate).
+    Pruning layers: every per-expert tensor the adapter declares (the router's rows, biases and correction
+    biases; the experts module's weights and biases) sliced to the kept experts along its expert axis. Merging
+    layers: ``W_EM @ W`` of every expert tensor from the original experts, router rows from ``routers[layer]`` (a
+    refit gate), the router's other per-expert tensors ``W_EM @ b``.
     """
     adapter = materializer.adapter
     names = _param_names(materializer.model)
     state = dict(materializer.model.state_dict())
     for layer in adapter.layers:
         router, experts = names[id(layer.router)], names[id(layer.experts)]
-        gate_up, down = materializer.original_experts(layer)
+        originals = materializer.original_expert_tensors(layer)
         kept = genome.kept(layer.index)
-        if kept is not None:
-            idx = torch.tensor(kept, device=gate_up.device)
-            state[f"{router}.weight"] = layer.router.weight.data[idx.to(layer.router.weight.device)].clone()
-            for buf in adapter.router_buffers:
-                state[f"{router}.{buf}"] = getattr(layer.router, buf)[idx.to(layer.router.weight.device)].clone()
-            state[f"{experts}.gate_up_proj"] = gate_up[idx].clone()
-            state[f"{experts}.down_proj"] = down[idx].clone()
-        else:
-            _, merge = genome.layer(layer.index)
-            state[f"{router}.weight"] = routers[layer.index].to(layer.router.weight)
-            state[f"{experts}.gate_up_proj"] = merge_experts(merge, gate_up)
-            state[f"{experts}.down_proj"] = merge_experts(merge, down)
+        merge = None if kept is not None else genome.layer(layer.index)[1]
+        for name, axis in adapter.all_router_tensors().items():
+            tensor = lookup(layer.router, name).data
+            if kept is not None:
+                state[f"{router}.{name}"] = tensor.index_select(axis, torch.tensor(kept, device=tensor.device))
+            elif name == adapter.router_weight:
+                state[f"{router}.{name}"] = routers[layer.index].to(tensor)
+            else:
+                state[f"{router}.{name}"] = merge_experts(merge, tensor.movedim(axis, 0)).movedim(0, axis).contiguous()
+        for name, axis in adapter.expert_tensors.items():
+            tensor = originals[name]
+            if kept is not None:
+                state[f"{experts}.{name}"] = tensor.index_select(axis, torch.tensor(kept, device=tensor.device))
+            else:
+                state[f"{experts}.{name}"] = merge_experts(merge, tensor.movedim(axis, 0)).movedim(0, axis).contiguous()
     return state
 
 

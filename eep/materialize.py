@@ -90,7 +90,7 @@ class Materializer:
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.bank_device = bank_device
-        self.bank: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}   # layer -> original (gate_up, down)
+        self.bank: dict[int, dict[str, torch.Tensor]] = {}              # layer -> original expert tensors
         self.merged: dict[int, torch.Tensor] = {}                      # layer -> W_EM written into its slots
         self.genome: Genome | None = None
         self.remerged_layers = 0                                       # layers re-merged by the last apply
@@ -214,17 +214,27 @@ class Materializer:
         self.genome = None
 
     # ------------------------------------------------------------------ expert slots
-    def original_experts(self, layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
-        """The original ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` of a layer (the bank if it is merged)."""
+    def original_expert_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
+        """The original per-expert tensors of a layer's experts module, by the adapter's declared names (expert axis
+        first for every built-in family): the bank if the layer is merged, else the live tensors."""
         if layer.index in self.merged:
             return self.bank[layer.index]
-        return layer.experts.gate_up_proj.data, layer.experts.down_proj.data
+        return {name: param.data for name, param in self.adapter.expert_params(layer).items()}
 
-    def _banked(self, layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+    def original_experts(self, layer: MoELayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The original ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` of a layer (the bank if it is merged);
+        only for families with the standard expert layout (``adapter.standard_experts``)."""
+        if not self.adapter.standard_experts:
+            raise ValueError(f"{self.adapter.name()} experts are not laid out as gate_up_proj [E, 2I, H] and "
+                             f"down_proj [E, H, I]: use original_expert_tensors")
+        tensors = self.original_expert_tensors(layer)
+        return tensors["gate_up_proj"], tensors["down_proj"]
+
+    def _banked(self, layer: MoELayer) -> dict[str, torch.Tensor]:
         if layer.index not in self.bank:
-            device = self.bank_device or layer.experts.gate_up_proj.device
-            self.bank[layer.index] = tuple(p.data.to(device, copy=True)
-                                           for p in (layer.experts.gate_up_proj, layer.experts.down_proj))
+            params = self.adapter.expert_params(layer)
+            device = self.bank_device or next(iter(params.values())).device
+            self.bank[layer.index] = {name: p.data.to(device, copy=True) for name, p in params.items()}
         return self.bank[layer.index]
 
     def _merge(self, layer: MoELayer, merge: torch.Tensor) -> None:
@@ -232,8 +242,8 @@ class Materializer:
         if current is not None and torch.equal(current, merge):
             return
         originals = self._banked(layer)
-        for param, original in zip((layer.experts.gate_up_proj, layer.experts.down_proj), originals):
-            merge_experts(merge, original, out=param.data[: merge.shape[0]])
+        for name, param in self.adapter.expert_params(layer).items():
+            merge_experts(merge, originals[name], out=param.data[: merge.shape[0]])
         self.merged[layer.index] = merge.clone()
         self.remerged_layers += 1
 
@@ -241,16 +251,18 @@ class Materializer:
         merge = self.merged.pop(layer.index, None)
         if merge is None:
             return
-        for param, original in zip((layer.experts.gate_up_proj, layer.experts.down_proj), self.bank[layer.index]):
-            param.data[: merge.shape[0]].copy_(original[: merge.shape[0]])
+        for name, param in self.adapter.expert_params(layer).items():
+            param.data[: merge.shape[0]].copy_(self.bank[layer.index][name][: merge.shape[0]])
 
 
 def merge_experts(merge: torch.Tensor, weights: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``W_EM @ W``: ``merge: float[E', E]``, ``weights: [E, A, B]`` -> ``[E', A, B]`` (computed in float32), written
-    into ``out`` if given (float32 weights: one matrix product straight into it, no temporary)."""
+    """``W_EM @ W``: ``merge: float[E', E]``, ``weights: [E, ...]`` (experts first: ``[E, A, B]`` weights, ``[E, A]``
+    biases) -> ``[E', ...]`` (computed in float32), written into ``out`` if given (float32 weights: one matrix
+    product straight into it, no temporary)."""
     merge = merge.to(weights.device, torch.float32)
     if out is not None and weights.dtype == torch.float32 and out.is_contiguous() and weights.is_contiguous():
         torch.mm(merge, weights.view(weights.shape[0], -1), out=out.view(merge.shape[0], -1))
         return out
-    merged = torch.einsum("ji,iab->jab", merge, weights.float()).to(weights.dtype)
+    merged = (merge @ weights.float().reshape(weights.shape[0], -1)).reshape(merge.shape[0], *weights.shape[1:])
+    merged = merged.to(weights.dtype)
     return merged if out is None else out.copy_(merged)

@@ -39,7 +39,16 @@ class MoEAdapter:
     weights_in_logit_dtype: bool = True      # cast top-k weights back to the logits' dtype (Qwen, OLMoE)
     supports_merging: bool = True
     supports_top_k_change: bool = True
-    router_buffers: tuple[str, ...] = ()     # per-expert router tensors besides .weight (sliced on export)
+    router_buffers: tuple[str, ...] = ()     # router attributes passed to ``route`` as ``buffers`` (per expert)
+    router_weight: str = "weight"            # router -> its ``[E, H]`` gate rows (aliased as ``router.weight``)
+    # per-expert tensors of the router (dotted path inside the router -> expert axis), sliced on export
+    router_tensors: dict[str, int] = {}
+    # per-expert tensors of the experts module (name -> expert axis); merged and sliced along that axis
+    expert_tensors: dict[str, int] = {"gate_up_proj": 0, "down_proj": 0}
+    # True: ``gate_up_proj [E, 2I, H]`` (gate rows then up rows), ``down_proj [E, H, I]``, ``act(gate) * up``, no
+    # biases; the methods that edit expert weights (permutation alignment, SVD) need it
+    standard_experts: bool = True
+    notes: str = ""                          # how the family is treated (docs/architectures.md)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -47,6 +56,7 @@ class MoEAdapter:
         self.layers = self._find_layers()
         if not self.layers:
             raise ValueError(f"{type(model).__name__} has no sparse MoE layer at `{self.block_attr}.{self.router_attr}`")
+        self._check_structure()
 
     # ------------------------------------------------------------------ locations
     def decoder_layers(self) -> nn.ModuleList:
@@ -55,21 +65,58 @@ class MoEAdapter:
     def _find_layers(self) -> list[MoELayer]:
         found = []
         for i, layer in enumerate(self.decoder_layers()):
-            block = getattr(layer, self.block_attr, None)
+            block = getattr(layer, self.block_attr, None) if self.block_attr else layer
             if block is not None and hasattr(block, self.experts_attr) and hasattr(block, self.router_attr):
                 found.append(MoELayer(len(found), i, block, getattr(block, self.router_attr),
                                       getattr(block, self.experts_attr)))
         return found
 
+    def _check_structure(self) -> None:
+        """Alias the gate rows as ``router.weight`` and check every declared per-expert tensor has ``E`` entries
+        along its expert axis; a ValueError names the first one that does not."""
+        where = f"{type(self.model).__name__} ({self.name()} adapter)"
+        for layer in self.layers:
+            if self.router_weight != "weight":  # a plain attribute, not a registered parameter: no new state key
+                object.__setattr__(layer.router, "weight", lookup(layer.router, self.router_weight))
+            tensors = [("router", layer.router, name, axis) for name, axis in self.all_router_tensors().items()]
+            tensors += [("experts", layer.experts, name, axis) for name, axis in self.expert_tensors.items()]
+            for kind, module, name, axis in tensors:
+                tensor = lookup(module, name)
+                if not isinstance(tensor, torch.Tensor):
+                    raise ValueError(f"{where}: MoE layer {layer.decoder_index} has no {kind} tensor `{name}`")
+                if tensor.dim() <= axis or tensor.shape[axis] != self.num_experts:
+                    raise ValueError(f"{where}: {kind} tensor `{name}` of layer {layer.decoder_index} has shape "
+                                     f"{tuple(tensor.shape)}, not {self.num_experts} experts on axis {axis} "
+                                     f"(config `{self.num_experts_key}`)")
+
+    def all_router_tensors(self) -> dict[str, int]:
+        """Every per-expert router tensor (dotted path -> expert axis): the gate rows, ``router_buffers`` and
+        ``router_tensors``."""
+        return {self.router_weight: 0, **{b: 0 for b in self.router_buffers}, **self.router_tensors}
+
+    def expert_params(self, layer: MoELayer) -> dict[str, torch.Tensor]:
+        """The live per-expert tensors of a layer's experts module, by declared name (expert axis first)."""
+        return {name: lookup(layer.experts, name) for name in self.expert_tensors}
+
+    def expert_outputs(self, layer: MoELayer, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """``f_e(x): [T, H]`` for ``x: [T, H]``: the family's own experts module at routing weight 1 (its own
+        activation, biases and layout)."""
+        return call_experts(layer.experts, x, expert)
+
+    @property
+    def expert_dtype(self) -> torch.dtype:
+        """The dtype of the expert weights (inputs are cast to it before calling the experts)."""
+        return next(iter(self.expert_params(self.layers[0]).values())).dtype
+
     @cached_property
     def num_experts(self) -> int:
         """``E``, read from the config once."""
-        return int(getattr(self.config, self.num_experts_key))
+        return int(lookup(self.config, self.num_experts_key))
 
     @cached_property
     def top_k(self) -> int:
         """``k``, read from the config once."""
-        return int(getattr(self.config, self.top_k_key))
+        return int(lookup(self.config, self.top_k_key))
 
     @cached_property
     def expert_groups(self) -> int:
@@ -81,9 +128,15 @@ class MoEAdapter:
         return self.always_renormalize or bool(getattr(self.config, "norm_topk_prob", False))
 
     # ------------------------------------------------------------------ routing
-    def logits(self, router: nn.Module, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``float[T, E*]``: router logits of ``hidden: [T, H]`` for the rows ``weight: [E*, H]``."""
+    def logits(self, router: nn.Module, hidden: torch.Tensor, weight: torch.Tensor,
+               kept: torch.Tensor | None = None) -> torch.Tensor:
+        """``float[T, E*]``: router logits of ``hidden: [T, H]`` for the rows ``weight: [E*, H]`` (the experts
+        ``kept: long[E*]`` of the router's, all of them when None)."""
         return F.linear(hidden.reshape(-1, weight.shape[1]), weight)
+
+    def route_buffers(self, router: nn.Module, kept: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The ``buffers`` that ``route`` reads (``router_buffers``), restricted to ``kept: long[E*]`` if given."""
+        return {b: getattr(router, b) if kept is None else getattr(router, b)[kept] for b in self.router_buffers}
 
     def route(self, router: nn.Module, logits: torch.Tensor, top_k: int, buffers: dict) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:
@@ -132,5 +185,28 @@ class MoEAdapter:
     # ------------------------------------------------------------------ export
     def export_config(self, config, num_kept: int, top_k: int) -> None:
         """Set the expert count and top-k of a (copied) config for a model with ``num_kept`` experts per layer."""
-        setattr(config, self.num_experts_key, num_kept)
-        setattr(config, self.top_k_key, top_k)
+        assign(config, self.num_experts_key, num_kept)
+        assign(config, self.top_k_key, top_k)
+
+
+def call_experts(experts: nn.Module, x: torch.Tensor, expert: int) -> torch.Tensor:
+    """``f_e(x): [T, H]``: a fused experts module's own forward on ``x: [T, H]``, every token routed to ``expert``
+    at weight 1."""
+    idx = torch.full((x.shape[0], 1), expert, dtype=torch.long, device=x.device)
+    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
+    return experts(x, idx, ones).reshape(x.shape)
+
+
+def lookup(obj, path: str):
+    """``obj.a.b`` for ``path = "a.b"`` (None where an attribute is missing): modules, configs."""
+    for part in path.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def assign(obj, path: str, value) -> None:
+    """Set ``obj.a.b = value`` for ``path = "a.b"``."""
+    *parents, last = path.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)

@@ -1,18 +1,31 @@
-"""The registry of architecture adapters, keyed by ``config.model_type``."""
+"""The registry of architecture adapters, keyed by ``config.model_type``, and of the families eep refuses."""
 from __future__ import annotations
 
 from torch import nn
 
 ADAPTERS: dict[str, type] = {}
+REFUSED: dict[str, str] = {}    # model type -> why eep cannot prune it exactly
 
 
 def register(cls: type) -> type:
     """Class decorator: register ``cls`` for each of its ``model_types``; a name registered twice is an error."""
     for model_type in cls.model_types:
-        if model_type in ADAPTERS:
-            raise ValueError(f"model type {model_type!r} already has adapter {ADAPTERS[model_type].__name__}")
+        _check_new(model_type)
         ADAPTERS[model_type] = cls
     return cls
+
+
+def refuse(reason: str, *model_types: str) -> None:
+    """Record ``model_types`` as MoE families eep refuses, with the ``reason`` shown at load and in the table."""
+    for model_type in model_types:
+        _check_new(model_type)
+        REFUSED[model_type] = reason
+
+
+def _check_new(model_type: str) -> None:
+    if model_type in ADAPTERS or model_type in REFUSED:
+        owner = ADAPTERS[model_type].__name__ if model_type in ADAPTERS else "a refusal"
+        raise ValueError(f"model type {model_type!r} already has {owner}")
 
 
 def supported() -> list[str]:
@@ -20,8 +33,12 @@ def supported() -> list[str]:
 
 
 def adapter_for(model: nn.Module):
-    """The adapter instance for a loaded model, or a ValueError that names the supported model types."""
+    """The adapter instance for a loaded model, or a ValueError that gives the refusal's reason or names the
+    supported model types."""
     model_type = getattr(model.config, "model_type", None)
+    if model_type in REFUSED:
+        raise ValueError(f"eep refuses MoE architecture {model_type!r} ({type(model).__name__}): "
+                         f"{REFUSED[model_type]}")
     if model_type not in ADAPTERS:
         raise ValueError(f"unsupported MoE architecture {model_type!r} ({type(model).__name__}); eep supports "
                          f"model types: {', '.join(supported())}")

@@ -9,9 +9,10 @@ import torch
 
 
 def parameter_counts(model, adapter, num_kept: int | None = None) -> dict[str, int]:
-    """Total and routed-expert parameters, as loaded or with ``num_kept`` experts per MoE layer."""
+    """Total and routed-expert parameters (every per-expert tensor the adapter declares), as loaded or with
+    ``num_kept`` experts per MoE layer."""
     total = sum(p.numel() for p in model.parameters())
-    expert = sum(layer.experts.gate_up_proj.numel() + layer.experts.down_proj.numel() for layer in adapter.layers)
+    expert = sum(p.numel() for layer in adapter.layers for p in adapter.expert_params(layer).values())
     if num_kept is None:
         return {"total": total, "expert": expert}
     kept = expert * num_kept // adapter.num_experts

@@ -51,8 +51,9 @@ class LayerProblem:
         self.materializer, self.layer, self.top_k = materializer, layer, top_k
         num_experts = materializer.adapter.num_experts
         everyone = torch.arange(num_experts, device=inputs.device)
-        self.chunks = list(inputs.to(layer.experts.gate_up_proj.dtype).split(chunk_tokens))
-        self.outputs = [torch.stack([expert_outputs(layer, c, e).float() for e in range(num_experts)])
+        adapter = materializer.adapter
+        self.chunks = list(inputs.to(adapter.expert_dtype).split(chunk_tokens))
+        self.outputs = [torch.stack([expert_outputs(layer, c, e, adapter).float() for e in range(num_experts)])
                         for c in self.chunks]
         self.targets = [routed_output(materializer, layer, c, f, everyone, materializer.adapter.top_k)
                         for c, f in zip(self.chunks, self.outputs)]

@@ -32,7 +32,7 @@ def expert_scores(materializer: Materializer, calibration: dict) -> dict[str, to
     num_experts = materializer.adapter.num_experts
     with materializer.preserved():
         stats = collect(materializer, calibration)
-        reap = torch.stack([reap_saliency(layer, s, num_experts) for layer, s in zip(materializer.layers, stats)])
+        reap = torch.stack([reap_saliency(layer, s, num_experts, materializer.adapter) for layer, s in zip(materializer.layers, stats)])
     return {"frequency": torch.stack([s.frequency() for s in stats]),
             "soft_activation": torch.stack([s.soft_activation() for s in stats]), "reap": reap}
 

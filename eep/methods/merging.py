@@ -52,6 +52,9 @@ def permute_expert(gate_up: torch.Tensor, down: torch.Tensor, perm: torch.Tensor
 
 def alignment_rewrite(materializer: Materializer, groups: list[list[list[int]]]) -> ExpertRewrite:
     """Permute every group member onto its group's first expert (the dominant); identity permutations are left out."""
+    if not materializer.adapter.standard_experts:
+        raise MethodError(f"permutation alignment needs experts laid out as gate_up_proj [E, 2I, H] and down_proj "
+                          f"[E, H, I] without biases; {materializer.adapter.name()} experts are not: use align=False")
     slots = {}
     for layer, layer_groups in zip(materializer.layers, groups):
         gate_up, down = materializer.original_experts(layer)
@@ -132,6 +135,6 @@ def hc_smoe(materializer: Materializer, calibration: dict, *, num_kept: int, top
     check_merging(materializer, "hc_smoe")
     stats = collect(materializer, calibration)
     num_experts = materializer.adapter.num_experts
-    groups = [cluster_groups(mean_expert_outputs(layer, s.inputs, num_experts), s.frequency(), num_kept, metric)
+    groups = [cluster_groups(mean_expert_outputs(layer, s.inputs, num_experts, materializer.adapter), s.frequency(), num_kept, metric)
               for layer, s in zip(materializer.layers, stats)]
     return _merge_result("hc_smoe", materializer, stats, groups, top_k, align, metric=metric)

@@ -37,7 +37,7 @@ class ExpertRewrite:
             raise RuntimeError(f"{self.kind} is already applied: undo() it first")
         layers = materializer.layers
         for (layer, expert), new in self.slots.items():
-            params = (layers[layer].experts.gate_up_proj, layers[layer].experts.down_proj)
+            params = _gate_up_down(materializer, layers[layer])
             self.saved[layer, expert] = tuple(p.data[expert].clone() for p in params)
             for p, w in zip(params, new):
                 p.data[expert].copy_(w)
@@ -48,10 +48,19 @@ class ExpertRewrite:
         """Write the original weights back, bit-exactly (the model must be restored)."""
         layers = materializer.layers
         for (layer, expert), old in self.saved.items():
-            for p, w in zip((layers[layer].experts.gate_up_proj, layers[layer].experts.down_proj), old):
+            for p, w in zip(_gate_up_down(materializer, layers[layer]), old):
                 p.data[expert].copy_(w)
         self.saved.clear()
         materializer.forget_bank()
+
+
+def _gate_up_down(materializer: Materializer, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A standard-layout layer's live ``(gate_up_proj [E, 2I, H], down_proj [E, H, I])`` (rewrites need it)."""
+    if not materializer.adapter.standard_experts:
+        raise ValueError(f"expert rewrites need experts laid out as gate_up_proj [E, 2I, H] and down_proj "
+                         f"[E, H, I]; {materializer.adapter.name()} experts are not")
+    params = materializer.adapter.expert_params(layer)
+    return params["gate_up_proj"], params["down_proj"]
 
 
 @dataclass

@@ -5,7 +5,7 @@ import logging
 
 import torch
 
-from eep.arch import MoELayer
+from eep.arch import MoEAdapter, MoELayer
 from eep.genome import Genome
 from eep.materialize import Materializer
 from eep.methods.registry import MethodError, register
@@ -87,14 +87,15 @@ def soft_activation(materializer: Materializer, calibration: dict, *, num_kept: 
                    lambda layer, s: s.soft_activation())
 
 
-def reap_saliency(layer: MoELayer, stats: LayerStats, num_experts: int) -> torch.Tensor:
+def reap_saliency(layer: MoELayer, stats: LayerStats, num_experts: int,
+                  adapter: MoEAdapter | None = None) -> torch.Tensor:
     """``float[E]``: REAP saliency ``mean over tokens t routed to e of g_e(x_t) * ||f_e(x_t)||_2`` (0 if never)."""
-    x = stats.inputs.to(layer.experts.gate_up_proj.dtype)
+    x = stats.inputs.to(adapter.expert_dtype if adapter is not None else stats.inputs.dtype)
     out = torch.zeros(num_experts)
     for e in range(num_experts):
         tokens, pos = torch.where(stats.indices == e)
         if len(tokens):
-            norms = expert_outputs(layer, x[tokens], e).float().norm(dim=-1)
+            norms = expert_outputs(layer, x[tokens], e, adapter).float().norm(dim=-1)
             out[e] = (stats.weights[tokens, pos] * norms).mean()
     return out
 
@@ -105,4 +106,4 @@ def reap(materializer: Materializer, calibration: dict, *, num_kept: int, top_k:
     """Keep the experts of highest REAP saliency (router-weighted expert activation norm, Cerebras 2025)."""
     num_experts = materializer.adapter.num_experts
     return _scored("reap", materializer, calibration, num_kept, top_k,
-                   lambda layer, s: reap_saliency(layer, s, num_experts))
+                   lambda layer, s: reap_saliency(layer, s, num_experts, materializer.adapter))

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eep.arch import MoELayer
+from eep.arch import MoEAdapter, MoELayer
+from eep.arch.base import call_experts
 from eep.materialize import Materializer
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ class LayerStats:
 
 
 def router_buffers(materializer: Materializer, layer: MoELayer, kept: torch.Tensor | None = None) -> dict:
-    """The family's per-expert router tensors (DeepSeek's bias), optionally restricted to ``kept`` experts."""
-    return {b: getattr(layer.router, b) if kept is None else getattr(layer.router, b)[kept]
-            for b in materializer.adapter.router_buffers}
+    """The family's per-expert router tensors that ``route`` reads (DeepSeek's bias), optionally restricted to
+    ``kept`` experts."""
+    return materializer.adapter.route_buffers(layer.router, kept)
 
 
 def route_subset(materializer: Materializer, layer: MoELayer, x: torch.Tensor, kept: torch.Tensor,
@@ -48,7 +49,7 @@ def route_subset(materializer: Materializer, layer: MoELayer, x: torch.Tensor, k
     """The family's router over the ``kept`` experts only (dropped ones masked, eep's rule): ``x: [T, H]`` ->
     ``(weights [T, k'], slots long[T, k'])`` with slots in the original numbering."""
     adapter = materializer.adapter
-    logits = adapter.logits(layer.router, x, layer.router.weight[kept])
+    logits = adapter.logits(layer.router, x, layer.router.weight[kept], kept)
     weights, idx = adapter.route(layer.router, logits, top_k, router_buffers(materializer, layer, kept))
     return weights, kept[idx]
 
@@ -92,14 +93,16 @@ def _layer_stats(materializer: Materializer, layer: MoELayer, part: dict) -> Lay
                       part["weights"].float(), part["indices"])
 
 
-def expert_outputs(layer: MoELayer, x: torch.Tensor, expert: int) -> torch.Tensor:
-    """``f_e(x): [T, H]`` for ``x: [T, H]``, computed by the model's own experts module with weight 1."""
-    idx = torch.full((x.shape[0], 1), expert, dtype=torch.long, device=x.device)
-    ones = torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)
-    return layer.experts(x, idx, ones)
+def expert_outputs(layer: MoELayer, x: torch.Tensor, expert: int, adapter: MoEAdapter | None = None) -> torch.Tensor:
+    """``f_e(x): [T, H]`` for ``x: [T, H]``, computed by the model's own experts module with weight 1 (through
+    ``adapter.expert_outputs`` when given: the family's activation, biases and layout)."""
+    if adapter is None:
+        return call_experts(layer.experts, x, expert)
+    return adapter.expert_outputs(layer, x, expert)
 
 
-def mean_expert_outputs(layer: MoELayer, x: torch.Tensor, num_experts: int) -> torch.Tensor:
+def mean_expert_outputs(layer: MoELayer, x: torch.Tensor, num_experts: int,
+                        adapter: MoEAdapter | None = None) -> torch.Tensor:
     """``float[E, H]``: every expert's mean output over all tokens ``x: [T, H]`` (HC-SMoE's features)."""
-    x = x.to(layer.experts.gate_up_proj.dtype)
-    return torch.stack([expert_outputs(layer, x, e).float().mean(0) for e in range(num_experts)])
+    x = x.to(adapter.expert_dtype if adapter is not None else x.dtype)
+    return torch.stack([expert_outputs(layer, x, e, adapter).float().mean(0) for e in range(num_experts)])
