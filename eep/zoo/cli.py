@@ -47,6 +47,21 @@ def cmd_train(args) -> None:
     train_main(args.rest)
 
 
+def cmd_archs(args) -> None:
+    """Check every MoE family of the installed transformers on a tiny model and write the table."""
+    from eep.arch.conformance import check_all, write_table
+
+    rows = check_all(methods=not args.no_methods, only=args.only.split(",") if args.only else None)
+    for r in rows:
+        print(f"{r.family:<22} {r.status:<8} {r.reason or ''}")
+    if not args.only:
+        write_table(rows, args.out)
+        print(f"wrote {args.out}")
+    failing = [r.family for r in rows if r.status in ("error", "inexact")]
+    if failing:
+        raise ValueError(f"families failing conformance: {', '.join(failing)}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eep-zoo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -61,6 +76,11 @@ def parser() -> argparse.ArgumentParser:
     card = sub.add_parser("card", help="re-measure a shipped model and rewrite its model card")
     card.add_argument("name", choices=eep.zoo.names())
     card.set_defaults(func=cmd_card)
+    ar = sub.add_parser("archs", help="check every MoE family on a tiny model, write docs/architectures.md")
+    ar.add_argument("--out", default="docs/architectures.md", help="the table's file (default docs/architectures.md)")
+    ar.add_argument("--only", help="comma-separated families to check (prints, writes nothing)")
+    ar.add_argument("--no-methods", action="store_true", help="skip the one-shot methods")
+    ar.set_defaults(func=cmd_archs)
     tr = sub.add_parser("train", help="train a shipped model (python -m eep.zoo.train --help)")
     tr.add_argument("rest", nargs=argparse.REMAINDER)
     tr.set_defaults(func=cmd_train)
