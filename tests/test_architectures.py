@@ -120,3 +120,11 @@ def test_one_shot_methods_run_or_refuse_with_a_reason(family):
     assert all(outcomes[m] == "ok" for m in ("random", "frequency", "soft_activation", "reap"))
     if mat.adapter.supports_merging:
         assert outcomes["hc_smoe"] == "ok"
+
+
+def test_ci_installs_the_transformers_the_table_was_made_with():
+    root = TABLE.parents[1]
+    pins = dict(re.findall(r"^([\w-]+)==([\w.]+)$", (root / "constraints-ci.txt").read_text(), flags=re.M))
+    assert f"transformers {pins['transformers']} " in TABLE.read_text()
+    assert "-c constraints-ci.txt" in (root / ".ci" / "run").read_text()
+    assert '"transformers>=5.17,<6"' in (root / "pyproject.toml").read_text()
