@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import compose_config
 
 from eep.arch import ADAPTERS, REFUSED, adapter_for
 from eep.arch.conformance import (BEGIN, END, build_tiny, check_family, check_methods, exported_diff, kept_subsets,
@@ -128,3 +129,35 @@ def test_ci_installs_the_transformers_the_table_was_made_with():
     assert f"transformers {pins['transformers']} " in TABLE.read_text()
     assert "-c constraints-ci.txt" in (root / ".ci" / "run").read_text()
     assert '"transformers>=5.17,<6"' in (root / "pyproject.toml").read_text()
+
+
+E2E = ["gpt_oss", "glm4_moe", "jamba"]   # transposed biased experts; sigmoid + bias; hybrid Mamba
+
+
+def saved_tiny(family: str, folder: Path) -> Path:
+    """A tiny random model of ``family`` with the shipped skills tokenizer (50 tokens, pad 0, eos 1) in ``folder``."""
+    from transformers import AutoTokenizer
+
+    import eep.zoo
+
+    model = build_tiny(family, eos_token_id=1, bos_token_id=None)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 1
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(eep.zoo.path("skills-olmoe")).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", E2E)
+def test_eep_search_runs_end_to_end_on_a_new_family(tmp_path, family):
+    """``eep-search model.path=<folder>`` in process: a pruning search, its exact export, reload and report."""
+    from eep.app import search as app
+
+    folder = saved_tiny(family, tmp_path / "model")
+    run_dir = tmp_path / "run"
+    report = app.run(compose_config("eep_search", [
+        f"model.path={folder}", f"model.name=tiny-{family}", "task=skills_count", "search.num_experts=4",
+        "search.prune_budget=3", "search.merge_budget=0", "search.eep.population=2", "evaluator.limit=8",
+        "evaluator.validation_limit=8", "evaluator.test_limit=8", "search.final_candidates=1"]), run_dir)
+    assert report["experts"] == {"before": 8, "after": 4}
+    assert (run_dir / "model" / "config.json").is_file() and (run_dir / "report.md").is_file()
+    assert report["export"]["exact"] and report["test"]["best_in_place"] == report["test"]["best_exported"]
