@@ -48,6 +48,9 @@ class MoEAdapter:
     # True: ``gate_up_proj [E, 2I, H]`` (gate rows then up rows), ``down_proj [E, H, I]``, ``act(gate) * up``, no
     # biases; the methods that edit expert weights (permutation alignment, SVD) need it
     standard_experts: bool = True
+    # True: the block's input is what its router and experts read, so calibration statistics (taken at the block)
+    # can recompute logits and expert outputs; False refuses the methods that need them
+    block_input_routes: bool = True
     notes: str = ""                          # how the family is treated (docs/architectures.md)
 
     def __init__(self, model: nn.Module):

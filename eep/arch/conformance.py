@@ -8,7 +8,6 @@ so that pruning must slice them.
 """
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -45,6 +44,8 @@ EXTRA: dict[str, dict] = {
                              mamba_chunk_size=8, layer_types=["mamba", "attention", "mamba"]),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                            indexer_compress_ratio=2),
+    "gemma4_text": dict(enable_moe_block=True, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
+                        sliding_window=8),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
                   mamba_d_state=8, mamba_dt_rank=4),
 }

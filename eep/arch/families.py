@@ -296,6 +296,35 @@ class PhimoeAdapter(SparseMixerAdapter):
     num_experts_key = "num_local_experts"
 
 
+@register
+class Gemma4TextAdapter(MoEAdapter):
+    """Gemma-4's text model: the decoder layer itself holds ``router`` and ``experts`` next to its dense MLP; the
+    router normalises its input (RMS norm without scale, times ``scale`` and ``H**-0.5``), gate rows at
+    ``proj.weight``, softmax, top-k (``top_k_experts``), renormalised, times ``per_expert_scale`` of the chosen
+    experts (sliced on export). The experts read a separately normalised input, so calibration statistics (taken
+    at the block) are refused; merging too (eep's rule has no per-expert output scale)."""
+
+    model_types = ("gemma4_text",)
+    block_attr = ""
+    router_attr = "router"
+    router_weight = "proj.weight"
+    router_buffers = ("per_expert_scale",)
+    top_k_key = "top_k_experts"
+    always_renormalize = True
+    supports_merging = False
+    block_input_routes = False
+
+    def logits(self, router, hidden, weight, kept=None):
+        hidden = router.norm(hidden.reshape(-1, weight.shape[1])) * router.scale * router.scalar_root_size
+        return F.linear(hidden, weight)
+
+    def route(self, router, logits, top_k, buffers):
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, indices = torch.topk(probs, k=top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * buffers["per_expert_scale"][indices], indices
+
+
 # ---------------------------------------------------------------------- refused, with the reason
 
 refuse("the router takes the block's per-expert correction bias as a second input, and eep's patched router "
@@ -315,5 +344,4 @@ refuse("hash-routed layers choose experts by token id (tid2eid) and the learned 
        "deepseek_v4")
 refuse("cross-domain MoE: experts are rows of embedding tables retrieved by product keys, no expert modules "
        "behind a top-k router", "doge")
-refuse("the MoE block runs next to a dense MLP on a per-expert-scaled, RMS-normalised router input",
-       "gemma4_text", "gemma4")
+refuse("the multimodal model: load its text model (Gemma4ForCausalLM, model type gemma4_text)", "gemma4")

@@ -64,6 +64,11 @@ def probabilities(materializer: Materializer, layer: MoELayer, logits: torch.Ten
 @torch.no_grad()
 def collect(materializer: Materializer, calibration: dict) -> list[LayerStats]:
     """Run the model once on ``calibration`` as it is now (original or patched) and gather :class:`LayerStats`."""
+    from eep.methods.registry import MethodError
+
+    if not materializer.adapter.block_input_routes:
+        raise MethodError(f"{materializer.adapter.name()}'s router and experts do not read the MoE block's input, "
+                          f"which calibration statistics are taken from: use a method without statistics (random)")
     keep = calibration["attention_mask"].reshape(-1).bool()
     parts: dict[int, dict[str, torch.Tensor]] = {layer.index: {} for layer in materializer.layers}
     handles = []
