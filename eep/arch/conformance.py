@@ -21,7 +21,6 @@ from eep.arch.survey import MOE_MODEL_TYPES, families
 COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
               head_dim=8, max_position_embeddings=64, initializer_range=0.2, intermediate_size=32,
               moe_intermediate_size=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-_MLA = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, head_dim=4)
 
 # by config attribute: the settings a tiny model of any family with that attribute gets (dense first layer,
 # one shared expert, two expert groups, multi-head latent attention at tiny width)
