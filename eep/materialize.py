@@ -44,13 +44,33 @@ MASKED = "masked"   # ``installed`` value of a layer whose router is the masked 
 
 
 # ``(weights [T, k'], slots long[T, k']) -> (weights, slots)`` after the family's rule (e.g. dynamic skipping); a
-# patch may send a (token, slot) pair to the sentinel slot ``E`` (the experts module's ``num_experts``) with weight 0:
-# the experts then do not compute that pair (see ``Materializer.patch_routing``)
+# patch may send a (token, slot) pair to the sentinel slot ``E`` with weight 0: the experts then do not compute that
+# pair (see ``Materializer.patch_routing``)
 RoutingPatch = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _patched(fn: RoutingPatch | None, weights: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (weights, slots) if fn is None else fn(weights, slots)
+
+
+def _compacting_forward(experts: nn.Module, sentinel: int):
+    """A replacement for ``experts.forward(hidden [T, H], slots long[T, k], weights [T, k])`` that drops the pairs
+    routed to ``sentinel`` before the experts run: the kept pairs ``P`` go through the module's own forward as
+    ``P`` one-expert tokens (``[P, H]``, ``[P, 1]``, ``[P, 1]``) and are summed back per token (``index_add``), so a
+    skipped pair costs no expert compute on any experts kernel (eager, ``grouped_mm``, ``batched_mm``)."""
+    forward = type(experts).forward
+
+    def compacted(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, *args,
+                  **kwargs):
+        kept = top_k_index < sentinel
+        if bool(kept.all()):
+            return forward(experts, hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+        token, rank = kept.nonzero(as_tuple=True)
+        out = forward(experts, hidden_states[token], top_k_index[token, rank, None],
+                      top_k_weights[token, rank, None], *args, **kwargs)
+        return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
+
+    return compacted
 
 
 def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch: Callable[[], RoutingPatch | None]):
@@ -96,7 +116,6 @@ class Materializer:
         self.remerged_layers = 0                                       # layers re-merged by the last apply
         self.installed: dict[int, str | None] = {}                     # layer -> MASKED, or None (merged route)
         self.route_patches: dict[int, RoutingPatch] = {}               # layer -> routing patch (cleared by restore)
-        self._sentinel_flags: dict[int, bool] = {}                     # layer -> experts' original EP flag
         self.keeps = {d: torch.ones(len(self.layers), self.adapter.num_experts, dtype=torch.bool, device=d)
                       for d in dict.fromkeys(layer.router.weight.device for layer in self.layers)}
         self.keep = next(iter(self.keeps.values()))   # bool[L, E]: experts each pruning layer routes (one per device)
@@ -153,25 +172,17 @@ class Materializer:
         """Post-process the routing of MoE layers (``{layer: (weights, slots) -> (weights, slots)}``) on top of the
         applied genome, e.g. dynamic skipping; ``None`` removes them. ``restore()`` removes them too.
 
-        A patch may route a (token, slot) pair to the sentinel slot ``experts.num_experts`` (weight 0), and that pair
-        is then not computed: transformers' eager experts loop skips the sentinel class, and its ``grouped_mm`` kernel
-        drops rows past the last real expert when the experts module is flagged expert-parallel, which this method
-        sets on the patched layers (and restores). ``batched_mm`` clamps the sentinel and computes it with weight 0.
+        A patch may route a (token, slot) pair to the sentinel slot ``E`` (weight 0): the experts of a patched layer
+        then run on the other pairs only (:func:`_compacting_forward`), whatever transformers' experts kernel.
         """
         if patches and self.genome is None:
             raise RuntimeError("apply a genome before patching routing (Genome.identity for the full model)")
-        self._set_sentinel_flags(patches or {})
         self.route_patches = dict(patches or {})
-
-    def _set_sentinel_flags(self, patches: dict) -> None:
-        """transformers' ``_is_expert_parallel`` flag on the experts of patched layers (originals remembered), the
-        switch under which its fused kernels mask sentinel slots instead of indexing past the last expert."""
         for layer in self.layers:
-            experts = layer.experts
-            if not hasattr(experts, "_is_expert_parallel"):
-                continue
-            original = self._sentinel_flags.setdefault(layer.index, experts._is_expert_parallel)
-            experts._is_expert_parallel = True if layer.index in patches else original
+            if layer.index in self.route_patches:
+                layer.experts.forward = _compacting_forward(layer.experts, self.adapter.num_experts)
+            else:
+                layer.experts.__dict__.pop("forward", None)
 
     def forget_bank(self) -> None:
         """Drop the banked original experts: call after changing expert weights in place while restored (no merged
@@ -207,9 +218,9 @@ class Materializer:
         for layer in self.layers:
             self._unmerge(layer)
             layer.router.__dict__.pop("forward", None)
+            layer.experts.__dict__.pop("forward", None)
         self.installed.clear()
         self._masked_everywhere = False
-        self._set_sentinel_flags({})
         self.route_patches = {}
         self.genome = None
 

@@ -124,6 +124,6 @@ def skipping(materializer: Materializer, calibration: dict, *, num_kept: int, to
                         info={**info, "betas": betas, "beta_scale": beta_scale,
                               "calibration_share_skipped_per_rank": skipped,
                               "rule": "skip rank r>=2 when w_r < beta_r * w_1; kept weights rescaled to the top-k' sum",
-                              "semantics": "runtime routing patch on top of the genome: skipped pairs are not "
-                                           "computed (eager, grouped_mm); skipping.json in an export, applied by "
+                              "semantics": "runtime routing patch on top of the genome: skipped pairs are "
+                                           "removed before the experts run; skipping.json in an export, applied by "
                                            "eep.methods.skipping.load_skipping; plain transformers ignores it"})
