@@ -16,6 +16,7 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "cpu"
     device_map: str | None = None
+    trust_remote_code: bool = False   # run the checkpoint's own modeling code (a model the hub ships as code)
 
     def location(self) -> str:
         """The folder or hub id to load: ``path`` if set, else the shipped model ``name``."""
@@ -53,7 +54,8 @@ def load_model(cfg: ModelConfig):
     if not Path(where).exists() and Path(where).is_absolute():
         raise FileNotFoundError(f"model.path={where!r} does not exist")
     kwargs = {"device_map": cfg.device_map} if cfg.device_map else {}
-    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    remote = {"trust_remote_code": True} if cfg.trust_remote_code else {}
+    model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **remote)
     if not cfg.device_map:
         model = model.to(cfg.device)
-    return model.eval(), AutoTokenizer.from_pretrained(where)
+    return model.eval(), AutoTokenizer.from_pretrained(where, **remote)

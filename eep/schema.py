@@ -167,6 +167,7 @@ SEARCH = {
     "model.dtype": Text(),
     "model.device": Text(),
     "model.device_map": Free(),
+    "model.trust_remote_code": Bool(),
     "task.names": Names(),
     "task.include_path": Text(null="no extra task folder"),
     "task.weights": Mapping("{skills_add:2,skills_sort:1}"),

@@ -166,3 +166,52 @@ def test_eep_search_runs_end_to_end_on_a_new_family(tmp_path, family):
     assert report["experts"] == {"before": 8, "after": 4}
     assert (run_dir / "model" / "config.json").is_file() and (run_dir / "report.md").is_file()
     assert report["export"]["exact"] and report["test"]["best_in_place"] == report["test"]["best_exported"]
+
+
+def test_a_model_still_carrying_a_quantization_config_is_refused_with_the_fix():
+    model = build_tiny("mixtral")
+    model.config.quantization_config = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    with pytest.raises(ValueError, match=r"refuses quantised checkpoints \(mixtral, quant_method 'fp8'\).*"
+                                         r"dequantize=True"):
+        adapter_for(model)
+    del model.config.quantization_config   # dequantized at load: float weights, a config without it
+    assert adapter_for(model).num_experts == 8
+
+
+REMOTE_CODE = '''
+from transformers import MixtralConfig, MixtralForCausalLM
+
+
+class {name}Config(MixtralConfig):
+    model_type = "{model_type}"
+
+
+class {name}ForCausalLM(MixtralForCausalLM):
+    config_class = {name}Config
+'''
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "remote_moe"])
+def test_a_trust_remote_code_checkpoint_is_supported_by_its_structure_or_refused_by_name(tmp_path, model_type):
+    """A hub-style remote-code checkpoint (``auto_map`` to modeling code in its folder), loaded through eep's loader
+    with ``model.trust_remote_code=true``: a model type eep knows, with the adapter's structure, prunes exactly; an
+    unknown one is refused by name."""
+    import json
+
+    from eep.models import ModelConfig, load_model
+
+    folder = saved_tiny("mixtral", tmp_path / "model")
+    (folder / "modeling_remote.py").write_text(REMOTE_CODE.format(name="Remote", model_type=model_type))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type=model_type, auto_map={"AutoConfig": "modeling_remote.RemoteConfig",
+                                                   "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_model(ModelConfig(path=str(folder), trust_remote_code=True))
+    assert type(model).__name__ == "RemoteForCausalLM"
+    if model_type == "remote_moe":
+        with pytest.raises(ValueError, match="unsupported MoE architecture 'remote_moe' \\(RemoteForCausalLM\\)"):
+            adapter_for(model)
+        return
+    mat = Materializer(model)
+    genome = Genome.pruning(kept_subsets(mat.adapter, 4), 8, 2)
+    assert exported_diff(model, mat, genome, sample_batch()) <= 1e-5

@@ -32,10 +32,26 @@ def supported() -> list[str]:
     return sorted(ADAPTERS)
 
 
+def quantization_method(model: nn.Module) -> str | None:
+    """The ``quant_method`` of a model loaded with a ``quantization_config`` that it still carries (a model
+    dequantized at load carries none), else None."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return str(getattr(method, "value", method) or "unknown")
+
+
 def adapter_for(model: nn.Module):
     """The adapter instance for a loaded model, or a ValueError that gives the refusal's reason or names the
     supported model types."""
     model_type = getattr(model.config, "model_type", None)
+    quantized = quantization_method(model)
+    if quantized is not None:
+        raise ValueError(f"eep refuses quantised checkpoints ({model_type}, quant_method {quantized!r}): it slices and "
+                         f"merges float expert tensors, and a quantised model keeps them packed with scales an export "
+                         f"would not carry; load a float/bf16 release, or dequantize at load (transformers: "
+                         f"from_pretrained(..., quantization_config=<its config class>(dequantize=True)))")
     if model_type in REFUSED:
         raise ValueError(f"eep refuses MoE architecture {model_type!r} ({type(model).__name__}): "
                          f"{REFUSED[model_type]}")
