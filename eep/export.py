@@ -64,6 +64,11 @@ def exported_state_dict(materializer: Materializer, genome: Genome,
                 state[f"{router}.{name}"] = routers[layer.index].to(tensor)
             else:
                 state[f"{router}.{name}"] = merge_experts(merge, tensor.movedim(axis, 0)).movedim(0, axis).contiguous()
+        for name in adapter.router_args:   # block tensors the router reads (pruning only: sigmoid routers)
+            tensor = getattr(layer.block, name, None)
+            if tensor is not None and kept is not None:
+                block = names[id(layer.block)]
+                state[f"{block}.{name}"] = tensor.index_select(0, torch.tensor(kept, device=tensor.device))
         for name, axis in adapter.expert_tensors.items():
             tensor = originals[name]
             if kept is not None:

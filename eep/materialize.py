@@ -79,7 +79,7 @@ def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch
     ``patch()`` returns the layer's current routing patch (or None), applied to the weights after the family's rule.
     """
 
-    def forward(hidden_states: torch.Tensor):
+    def forward(hidden_states: torch.Tensor, *block_args):   # block_args: the adapter's ``router_args``
         full = adapter.logits(router, hidden_states, router.weight)
         logits, weights, idx = adapter.route_mapped(router, full, route.router_map, route.used, route.top_k)
         return (logits, *_patched(patch(), weights, route.slots[idx]))
@@ -93,9 +93,9 @@ def _masked_forward(adapter: MoEAdapter, router: nn.Module, state: Materializer,
     ``(logits [T, E], weights [T, k'], slots [T, k'])``, dropped logits at ``-inf``."""
     names, device = adapter.router_buffers, router.weight.device
 
-    def forward(hidden_states: torch.Tensor):
+    def forward(hidden_states: torch.Tensor, *block_args):
         logits = adapter.logits(router, hidden_states, router.weight)
-        buffers = {b: getattr(router, b) for b in names}
+        buffers = {b: getattr(router, b) for b in names} | dict(zip(adapter.router_args, block_args))
         keep = state.keeps[device][index]
         weights, idx = adapter.route_masked(router, logits, keep, state.keep_top_k, buffers)
         return (logits.masked_fill(~keep, float("-inf")), *_patched(state.route_patches.get(index), weights, idx))

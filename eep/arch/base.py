@@ -43,6 +43,9 @@ class MoEAdapter:
     router_weight: str = "weight"            # router -> its ``[E, H]`` gate rows (aliased as ``router.weight``)
     # per-expert tensors of the router (dotted path inside the router -> expert axis), sliced on export
     router_tensors: dict[str, int] = {}
+    # per-expert tensors of the block that it passes to its router after the hidden states (MiniMax-M2's
+    # ``e_score_correction_bias``), by block attribute; given to ``route`` as ``buffers`` and sliced on export
+    router_args: tuple[str, ...] = ()
     # per-expert tensors of the experts module (name -> expert axis); merged and sliced along that axis
     expert_tensors: dict[str, int] = {"gate_up_proj": 0, "down_proj": 0}
     # True: ``gate_up_proj [E, 2I, H]`` (gate rows then up rows), ``down_proj [E, H, I]``, ``act(gate) * up``, no
@@ -83,6 +86,8 @@ class MoEAdapter:
                 object.__setattr__(layer.router, "weight", lookup(layer.router, self.router_weight))
             tensors = [("router", layer.router, name, axis) for name, axis in self.all_router_tensors().items()]
             tensors += [("experts", layer.experts, name, axis) for name, axis in self.expert_tensors.items()]
+            tensors += [("block", layer.block, name, 0) for name in self.router_args
+                        if lookup(layer.block, name) is not None]   # None: the family's config switches it off
             for kind, module, name, axis in tensors:
                 tensor = lookup(module, name)
                 if not isinstance(tensor, torch.Tensor):
@@ -138,8 +143,13 @@ class MoEAdapter:
         return F.linear(hidden.reshape(-1, weight.shape[1]), weight)
 
     def route_buffers(self, router: nn.Module, kept: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The ``buffers`` that ``route`` reads (``router_buffers``), restricted to ``kept: long[E*]`` if given."""
-        return {b: getattr(router, b) if kept is None else getattr(router, b)[kept] for b in self.router_buffers}
+        """The ``buffers`` that ``route`` reads (``router_buffers`` of the router, ``router_args`` of its block),
+        restricted to ``kept: long[E*]`` if given."""
+        out = {b: getattr(router, b) for b in self.router_buffers}
+        if self.router_args:
+            block = next(layer.block for layer in self.layers if layer.router is router)
+            out.update({b: getattr(block, b, None) for b in self.router_args})
+        return {b: t if kept is None or t is None else t[kept] for b, t in out.items()}
 
     def route(self, router: nn.Module, logits: torch.Tensor, top_k: int, buffers: dict) -> tuple[torch.Tensor,
                                                                                                  torch.Tensor]:

@@ -45,6 +45,7 @@ EXTRA: dict[str, dict] = {
                            indexer_compress_ratio=2),
     "gemma4_text": dict(enable_moe_block=True, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
                         sliding_window=8),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv"], num_dense_layers=1),
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=1, expert_layer_offset=0,
                   mamba_d_state=8, mamba_dt_rank=4),
 }
@@ -83,6 +84,10 @@ def build_tiny(family: str, seed: int = 0, config=None, **overrides):
             for name in adapter.all_router_tensors():
                 if name != adapter.router_weight:
                     tensor = lookup(layer.router, name)
+                    tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
+            for name in adapter.router_args:
+                tensor = getattr(layer.block, name, None)
+                if tensor is not None:
                     tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.1)
     return model
 

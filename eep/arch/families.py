@@ -222,6 +222,61 @@ class MiniMaxM3Adapter(SigmoidTopKAdapter):
 
 
 @register
+class MiniMaxM2Adapter(SigmoidAdapter):
+    """MiniMax-M2: sigmoid scores plus the block's correction bias, which the block passes to its router; top-k,
+    renormalised without epsilon, no scaling."""
+
+    model_types = ("minimax_m2",)
+    num_experts_key = "num_local_experts"
+    router_args = ("e_score_correction_bias",)
+    bias = "e_score_correction_bias"
+    grouped = False
+    always_renormalize = True
+    scale_key = None
+    renorm_eps = 0.0
+
+
+@register
+class HYV3Adapter(MiniMaxM2Adapter):
+    """HY-V3: as MiniMax-M2, renormalised with epsilon 1e-20 and scaled by ``router_scaling_factor``; dense layers by
+    ``mlp_layer_types``, the shared experts untouched."""
+
+    model_types = ("hy_v3",)
+    renorm_eps = 1e-20
+    scale_key = "router_scaling_factor"
+
+
+@register
+class AfmoeAdapter(MiniMaxM2Adapter):
+    """AFMoE: the router module ``router`` holds the gate ``gate [E, H]``; the block's ``expert_bias`` is the
+    correction bias; renormalised (epsilon 1e-20), scaled by ``route_scale``; shared experts untouched."""
+
+    model_types = ("afmoe",)
+    num_experts_key = "num_experts"
+    router_attr = "router"
+    router_weight = "gate.weight"
+    router_args = ("expert_bias",)
+    bias = "expert_bias"
+    renorm_eps = 1e-20
+    scale_key = "route_scale"
+
+
+@register
+class Lfm2MoeAdapter(MiniMaxM2Adapter):
+    """LFM2-MoE (``feed_forward`` blocks after dense first layers): sigmoid, the block's ``expert_bias`` where
+    ``use_expert_bias``, renormalised by ``norm_topk_prob`` (epsilon 1e-6), scaled by ``routed_scaling_factor``."""
+
+    model_types = ("lfm2_moe",)
+    block_attr = "feed_forward"
+    num_experts_key = "num_experts"
+    router_args = ("expert_bias",)
+    bias = "expert_bias"
+    always_renormalize = False
+    renorm_eps = 1e-6
+    scale_key = "routed_scaling_factor"
+
+
+@register
 class LagunaAdapter(SigmoidAdapter):
     """Laguna: optional tanh soft cap of the float logits, sigmoid plus correction bias (a router parameter),
     top-k, renormalised, weights in the gate's dtype."""
@@ -327,8 +382,6 @@ class Gemma4TextAdapter(MoEAdapter):
 
 # ---------------------------------------------------------------------- refused, with the reason
 
-refuse("the router takes the block's per-expert correction bias as a second input, and eep's patched router "
-       "takes the hidden states only", "minimax_m2", "hy_v3", "afmoe", "lfm2_moe")
 refuse("experts run densely: every expert runs on every token with its input scaled by sigmoid(top-k logits) "
        "(0 elsewhere), and the router returns (scores [T, E], logits), not the top-k weights and indices",
        "llama4", "llama4_text")

@@ -78,7 +78,7 @@ class SigmoidAdapter(MoEAdapter):
 
     @property
     def router_buffers(self) -> tuple[str, ...]:
-        return (self.bias,) if self.bias else ()
+        return (self.bias,) if self.bias and self.bias not in self.router_args else ()
 
     @cached_property
     def expert_groups(self) -> int:
@@ -92,7 +92,8 @@ class SigmoidAdapter(MoEAdapter):
     def route(self, router, logits, top_k, buffers, keep=None):
         n = logits.shape[-1]
         scores = logits.sigmoid()
-        choice = scores + buffers[self.bias].to(scores.dtype) if self.bias else scores
+        bias = buffers.get(self.bias) if self.bias else None   # None: a block whose config switches it off
+        choice = scores + bias.to(scores.dtype) if bias is not None else scores
         if keep is not None:  # sigmoid(-inf) + bias could still win: drop the experts from the choice itself
             choice = choice.masked_fill(~keep, float("-inf"))
         n_group = self.expert_groups
