@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from eep.files import write_atomic
+
+SPEED_ROUNDS = 3   # interleaved rounds timing the full and exported models (report.json ``generation``, ``savings``)
 
 
 def _pyplot():
@@ -106,7 +109,8 @@ def plot_usage(before, after, path: Path) -> None:
 
 def measurements(session, best, reloaded, validator, run_dir: Path) -> dict:
     """Expert usage before and after (``usage.png``) on 32 validation documents, and the speed of the full model and
-    the exported checkpoint (``reloaded``) on them: greedy generation on their prompts, prefill on the documents."""
+    the exported checkpoint (``reloaded``) on them: greedy generation on their prompts, prefill on the documents,
+    medians over ``SPEED_ROUNDS`` interleaved rounds (full, exported, full, ...)."""
     from eep.evaluate.calibration import calibration_tokens
     from eep.evaluate.measure import expert_usage, generation_speed, prefill_speed
 
@@ -116,8 +120,14 @@ def measurements(session, best, reloaded, validator, run_dir: Path) -> dict:
         usage_after = expert_usage(model, mat.adapter, batch)
     plot_usage(expert_usage(model, mat.adapter, batch), usage_after, run_dir / "usage.png")
     prompts = calibration_tokens(validator, tok, n=32, padding_side="left", prompts_only=True)
-    return {name: {**generation_speed(m, prompts), "prefill_tokens_per_second": prefill_speed(m, batch)}
-            for name, m in (("full", model), ("exported", reloaded))}
+    models = {"full": model, "exported": reloaded}
+    rounds = {name: [] for name in models}
+    for _ in range(SPEED_ROUNDS):   # interleaved: a change of the machine's load falls on both models alike
+        for name, m in models.items():
+            rounds[name].append({**generation_speed(m, prompts), "prefill_tokens_per_second": prefill_speed(m, batch)})
+    return {name: {**runs[-1], **{key: statistics.median(r[key] for r in runs)
+                                  for key in ("tokens_per_second", "prefill_tokens_per_second")}}
+            for name, runs in rounds.items()}
 
 
 def savings(model, export_folder, speed: dict) -> dict:
