@@ -55,6 +55,8 @@ VARIANTS = {
     "ng_portfolio": ["optimizer.prune_name=PortfolioDiscreteOnePlusOne"],
     "ngopt": ["optimizer.prune_name=NGOpt", "optimizer.merge_name=NGOpt"],
     "cma_merge": ["optimizer.merge_name=CMA"],
+    # the merging phase's router mapping applied to the gate's rows (exports exactly) instead of the probabilities
+    "gate_rows": ["search.merge_router=gate_rows"],
 }
 
 
@@ -128,7 +130,14 @@ def search_row(setting: dict, variant: str, seed: int, work: Path) -> dict:
             "in_place": report["test"]["best_in_place"], "full": report["test"]["full"],
             "seconds": round(report["search_seconds"], 1), "wall_seconds": round(time.time() - start, 1),
             "forward_tokens": cost.get("forward_tokens"), "evaluations": report["evaluations"],
-            "fitness": report.get("fitness"), "notes": "" if report["export"]["exact"] else "merging genome exported"}
+            "fitness": report.get("fitness"), "final_kind": _final_kind(folder),
+            "notes": "" if report["export"]["exact"] else "merging genome exported"}
+
+
+def _final_kind(folder: Path) -> str:
+    """The final pick's genome kind (``pruning``, ``merging``, ``merging (gate rows)``) from the run's best.json."""
+    genome = json.loads((folder / "best.json").read_text())["genome"]
+    return genome.get("kind", "pruning") + (" (gate rows)" if genome.get("gate_rows") else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -177,7 +186,7 @@ def run_analysis(work: Path, reference: str = "random_start") -> dict:
             spent += r.get("forward_tokens", 0)
             if r.get("fidelity", 1.0) == 1.0:
                 curve.append((spent, r["fitness"]))
-        runs[(folder.parent.name, folder.name)] = {"best": best, "merging_final": not rep["export"]["exact"],
+        runs[(folder.parent.name, folder.name)] = {"best": best, "merging_final": _final_kind(folder) != "pruning",
                                                    "in_place": rep["test"]["best_in_place"],
                                                    "exported": rep["test"]["best_exported"], "curve": curve,
                                                    "total": (rep.get("cost") or {}).get("forward_tokens")}

@@ -15,7 +15,7 @@ import eep
 from eep.arch import MoEAdapter
 from eep.arch.base import lookup
 from eep.genome import Genome, GenomeError
-from eep.materialize import Materializer, merge_experts
+from eep.materialize import Materializer, gate_rows_tensors, merge_experts
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class ExportResult:
 
     folder: str
     genome_hash: str
-    exact: bool                       # True for pruning genomes: the checkpoint is the candidate
+    exact: bool                       # True for pruning and gate-rows genomes: the checkpoint is the candidate
     num_experts: int
     top_k: int
     router_top_k_overlap: float | None = None   # merging: share of the candidate's top-k' choices the refit gate keeps
@@ -45,8 +45,9 @@ def exported_state_dict(materializer: Materializer, genome: Genome,
 
     Pruning layers: every per-expert tensor the adapter declares (the router's rows, biases and correction
     biases; the experts module's weights and biases) sliced to the kept experts along its expert axis. Merging
-    layers: ``W_EM @ W`` of every expert tensor from the original experts, router rows from ``routers[layer]`` (a
-    refit gate), the router's other per-expert tensors ``W_EM @ b``.
+    layers: ``W_EM @ W`` of every expert tensor from the original experts; router rows from ``routers[layer]`` (a
+    refit gate) and the router's other per-expert tensors ``W_EM @ b``, or, for a gate-rows genome, the mapped
+    router itself (:func:`eep.materialize.gate_rows_tensors`, exact).
     """
     adapter = materializer.adapter
     names = _param_names(materializer.model)
@@ -56,9 +57,13 @@ def exported_state_dict(materializer: Materializer, genome: Genome,
         originals = materializer.original_expert_tensors(layer)
         kept = genome.kept(layer.index)
         merge = None if kept is not None else genome.layer(layer.index)[1]
+        mapped = gate_rows_tensors(adapter, layer.router, *genome.layer(layer.index)) \
+            if kept is None and genome.gate_rows else {}
         for name, axis in adapter.all_router_tensors().items():
             tensor = lookup(layer.router, name).data
-            if kept is not None:
+            if name in mapped:
+                state[f"{router}.{name}"] = mapped[name]
+            elif kept is not None:
                 state[f"{router}.{name}"] = tensor.index_select(axis, torch.tensor(kept, device=tensor.device))
             elif name == adapter.router_weight:
                 state[f"{router}.{name}"] = routers[layer.index].to(tensor)
@@ -129,8 +134,9 @@ def export(model: nn.Module, genome: Genome, folder: str | Path, tokenizer=None,
     """Write ``genome`` applied to ``model`` as a vanilla checkpoint in ``folder``; return how exact it is.
 
     Pruning genomes export exactly (sliced router rows and experts, ``config`` count and ``num_experts_per_tok``
-    updated). A merging genome's continuous ``W_RM`` is no linear gate: its gates are refit by least squares on
-    ``calibration`` (``{"input_ids", "attention_mask"}``, required then) and the top-k' agreement is reported.
+    updated), and so do gate-rows merging genomes (their router is ``W_RM @ W_gate``). The continuous ``W_RM`` of a
+    probability-mapping merging genome is no linear gate: its gates are refit by least squares on ``calibration``
+    (``{"input_ids", "attention_mask"}``, required then) and the top-k' agreement is reported.
     ``provenance`` (base model, method, scores, ...) goes into the model card and ``eep_export.json``. With
     ``rescore`` (a model -> score function, e.g. an :class:`~eep.evaluate.evaluator.Evaluator` built on it), the
     in-place candidate and the reloaded checkpoint are both scored and recorded.
@@ -141,9 +147,10 @@ def export(model: nn.Module, genome: Genome, folder: str | Path, tokenizer=None,
     folder = Path(folder)
     if folder.exists() and any(folder.iterdir()):
         raise FileExistsError(f"export folder {folder} is not empty: choose a new folder")
-    result = ExportResult(str(folder), genome.content_hash(), genome.is_pruning, genome.num_kept, genome.top_k)
+    result = ExportResult(str(folder), genome.content_hash(), genome.exports_exactly,
+                          genome.num_kept, genome.top_k)
     routers = None
-    if not genome.is_pruning:
+    if not result.exact:
         if calibration is None:
             raise GenomeError("exporting a merging genome needs calibration tokens to refit its gates: pass "
                               "calibration={'input_ids': ..., 'attention_mask': ...}")
@@ -209,7 +216,7 @@ def _write_card(folder: Path, model: nn.Module, genome: Genome, result: ExportRe
     lines = [f"# {Path(str(base)).name} with {genome.num_kept} of {genome.num_experts} experts per MoE layer", "",
              f"Exported by eep {eep.__version__}. Loads with plain `AutoModelForCausalLM.from_pretrained` "
              f"(no remote code).", "",
-             f"- base model: `{base}`", f"- genome hash: `{result.genome_hash}` ({'pruning' if genome.is_pruning else 'merging'})",
+             f"- base model: `{base}`", f"- genome hash: `{result.genome_hash}` ({genome.kind})",
              f"- method: {provenance.get('method', 'unspecified')}",
              f"- experts per layer: {genome.num_experts} -> {genome.num_kept}; active per token: {genome.top_k}",
              f"- exact: {result.exact}" + (f" (router top-k overlap {result.router_top_k_overlap:.3f})"

@@ -7,7 +7,11 @@ A genome over a model with ``L`` MoE layers of ``E`` routed experts keeps ``E'``
 - ``merge`` ``W_EM: float[G, E', E]``: new expert ``j`` has weights ``sum_i W_EM[j, i] * W_i`` (W1, W2, W3);
 - ``groups``: ``G`` tuples of MoE-layer indices (0-based among the MoE layers; dense layers carry nothing) that
   share one pair; every layer in exactly one group;
-- ``top_k``: experts active per token.
+- ``top_k``: experts active per token;
+- ``gate_rows``: where ``W_RM`` acts. False (the paper's rule): on the routing probabilities, as above; a merging
+  genome's export then refits its gates by least squares (not exact). True: on the router's gate rows, new logits
+  ``z' = W_RM z`` (the gate ``W_RM @ W_gate``, and ``W_RM @ b`` for a router bias), then the family's own routing over
+  the ``E'`` new experts; a different model, exported exactly (docs/methods.md section 1.2).
 
 A layer group is a *pruning* group when every row of ``W_EM`` is one-hot and ``W_RM == W_EM``: it just keeps a
 subset of experts. The genome knows no model; :mod:`eep.materialize` turns it into a patched model.
@@ -53,18 +57,21 @@ def _one_hot(kept: Sequence[int], num_experts: int) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)
 class Genome:
-    """``router_map``, ``merge: float32[G, E', E]``; ``groups``: G tuples of MoE-layer indices; ``top_k``."""
+    """``router_map``, ``merge: float32[G, E', E]``; ``groups``: G tuples of MoE-layer indices; ``top_k``;
+    ``gate_rows``: ``W_RM`` maps the gate rows instead of the probabilities (no meaning for pruning groups)."""
 
     router_map: torch.Tensor
     merge: torch.Tensor
     top_k: int
     groups: tuple[tuple[int, ...], ...]
+    gate_rows: bool = False   # a class default too: genomes pickled before the field unpickle with False
 
     def __post_init__(self):
         object.__setattr__(self, "router_map", torch.as_tensor(self.router_map, dtype=torch.float32).detach().cpu())
         object.__setattr__(self, "merge", torch.as_tensor(self.merge, dtype=torch.float32).detach().cpu())
         object.__setattr__(self, "groups", tuple(tuple(int(i) for i in g) for g in self.groups))
         object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "gate_rows", bool(self.gate_rows))
         self.check()
         self._num_layers  # noqa: B018  (cached once: an apply reads it)
 
@@ -99,10 +106,34 @@ class Genome:
 
     @classmethod
     def merging(cls, router_map: torch.Tensor, merge: torch.Tensor, top_k: int,
-                groups: Sequence[Sequence[int]] | None = None) -> Genome:
+                groups: Sequence[Sequence[int]] | None = None, gate_rows: bool = False) -> Genome:
         """A genome from explicit matrices ``float[G, E', E]`` (groups default to one per layer)."""
         groups = groups if groups is not None else tuple((i,) for i in range(len(router_map)))
-        return cls(router_map, merge, top_k, tuple(tuple(g) for g in groups))
+        return cls(router_map, merge, top_k, tuple(tuple(g) for g in groups), gate_rows)
+
+    def with_matrices(self, router_map: torch.Tensor, merge: torch.Tensor) -> Genome:
+        """A genome with the same top-k', groups and ``gate_rows`` and new matrices ``float[G, E', E]``."""
+        return Genome(router_map, merge, self.top_k, self.groups, self.gate_rows)
+
+    def with_gate_rows(self, gate_rows: bool) -> Genome:
+        """The same matrices with ``W_RM`` acting on the gate rows (True) or on the probabilities (False)."""
+        return self if gate_rows == self.gate_rows else Genome(self.router_map, self.merge, self.top_k, self.groups,
+                                                               gate_rows)
+
+    @property
+    def exports_exactly(self) -> bool:
+        """Its vanilla export is the candidate: pruning genomes and gate-rows genomes (the others' gates are refit)."""
+        return self.is_pruning or self.gate_rows
+
+    @property
+    def kind(self) -> str:
+        """``pruning``, ``merging`` or ``merging (gate rows)``."""
+        return "pruning" if self.is_pruning else "merging (gate rows)" if self.gate_rows else "merging"
+
+    @property
+    def maps_gate_rows(self) -> bool:
+        """Some merging group routes by ``W_RM @ W_gate`` (``gate_rows`` has no effect on pruning groups)."""
+        return self.gate_rows and not self.is_pruning
 
     # ------------------------------------------------------------------ shape and kind
     @property
@@ -213,13 +244,15 @@ class Genome:
 
     @cached_property
     def _hash(self) -> str:
-        h = hashlib.sha256(f"E={self.num_experts};k={self.top_k};".encode())
+        rows = "gate;" if self.maps_gate_rows else ""   # absent for the probability rule: hashes of old runs stand
+        h = hashlib.sha256(f"E={self.num_experts};k={self.top_k};{rows}".encode())
         for rows in self.canonical_layers():
             h.update(rows.numpy().tobytes())
         return h.hexdigest()[:16]
 
     def content_hash(self) -> str:
-        """SHA-256 (hex, 16 chars) of the canonical layers and top-k'; equal for equal models."""
+        """SHA-256 (hex, 16 chars) of the canonical layers, top-k' and (merging genomes) ``gate_rows``; equal for
+        equal models."""
         return self._hash
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -229,7 +262,9 @@ class Genome:
                 "hash": self.content_hash()}
         if self.is_pruning:
             return {**base, "kind": "pruning", "kept": [self.kept(g[0]) for g in self.groups]}
-        return {**base, "kind": "merging", "router_map": self.router_map.tolist(), "merge": self.merge.tolist()}
+        rows = {"gate_rows": True} if self.maps_gate_rows else {}
+        return {**base, "kind": "merging", **rows, "router_map": self.router_map.tolist(),
+                "merge": self.merge.tolist()}
 
     @classmethod
     def from_dict(cls, data: dict) -> Genome:
@@ -237,7 +272,7 @@ class Genome:
             return cls.pruning(data["kept"], data["num_experts"], data["top_k"], data["groups"])
         if data.get("kind") == "merging":
             return cls.merging(torch.tensor(data["router_map"]), torch.tensor(data["merge"]), data["top_k"],
-                               data["groups"])
+                               data["groups"], bool(data.get("gate_rows", False)))
         raise GenomeError(f"genome JSON has kind={data.get('kind')!r}; expected 'pruning' or 'merging'")
 
     def to_json(self) -> str:
@@ -256,7 +291,7 @@ class Genome:
         """A genome of the same shape, groups and top-k' from a :meth:`to_vector`-style array."""
         mats = torch.as_tensor(vector, dtype=torch.float32).reshape(len(self.groups), 2, self.num_kept,
                                                                      self.num_experts)
-        return Genome(mats[:, 0], mats[:, 1], self.top_k, self.groups)
+        return self.with_matrices(mats[:, 0], mats[:, 1])
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Genome) and self.content_hash() == other.content_hash()
@@ -265,6 +300,5 @@ class Genome:
         return hash(self.content_hash())
 
     def __repr__(self) -> str:
-        kind = "pruning" if self.is_pruning else "merging"
-        return (f"Genome({kind}, E={self.num_experts}->E'={self.num_kept}, top_k'={self.top_k}, "
+        return (f"Genome({self.kind}, E={self.num_experts}->E'={self.num_kept}, top_k'={self.top_k}, "
                 f"{len(self.groups)} groups over {self.num_layers} layers, hash={self.content_hash()})")

@@ -9,7 +9,8 @@ routing, ``p' = W_RM p`` over the rest, then the family's own top-k' and renorma
   apply of a pruning genome after another writes that one tensor and nothing else;
 - a *merging* layer writes ``W_EM @ W`` (for ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``) into slots
   ``0..E'-1`` of the fused expert tensors (originals kept in a bank: at most one copy of the expert tensors, on
-  ``bank_device``) and routes with ``p' = W_RM softmax(mask(z))``.
+  ``bank_device``) and routes with ``p' = W_RM softmax(mask(z))``; with ``genome.gate_rows``, by the family's own
+  rule on ``z' = (W_RM @ W_gate) x`` (:func:`gate_rows_tensors`: the router its export holds).
 
 ``restore()`` undoes both bit-exactly. Consecutive merging candidates re-merge only the layers whose ``W_EM``
 changed.
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from eep.arch import MoEAdapter, MoELayer, adapter_for
+from eep.arch.base import lookup
 from eep.genome import Genome
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,47 @@ def _merged_forward(adapter: MoEAdapter, router: nn.Module, route: _Route, patch
         return (logits, *_patched(patch(), weights, route.slots[idx]))
 
     return forward
+
+
+class _MappedRouter:
+    """A router seen through its gate-rows mapping: the mapped per-expert tensors (``weight [E', H]``, a router
+    bias ``[E']``) in place of its own, every other attribute (``top_k``, config values) read from the router."""
+
+    def __init__(self, router: nn.Module, tensors: dict[str, torch.Tensor]):
+        self.__dict__.update(tensors, _router=router)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["_router"], name)
+
+
+def _gate_rows_forward(adapter: MoEAdapter, router: nn.Module, mapped: dict[str, torch.Tensor], top_k: int,
+                       patch: Callable[[], RoutingPatch | None]):
+    """A replacement for ``router.forward`` routing by the family's own rule over the ``E'`` new experts with the
+    mapped router (``mapped``: :func:`gate_rows_tensors`): ``(logits z' [T, E'], weights [T, k'], slots [T, k'])``,
+    slots ``0..E'-1`` (where the merged experts are), exactly what the exported router computes."""
+    tensors = {name: t for name, t in mapped.items() if "." not in name}
+    stand_in = _MappedRouter(router, {**tensors, "weight": mapped[adapter.router_weight]})
+    buffers = {b: mapped[b] for b in adapter.router_buffers}
+
+    def forward(hidden_states: torch.Tensor, *block_args):
+        logits = adapter.logits(stand_in, hidden_states, stand_in.weight)
+        return (logits, *_patched(patch(), *adapter.route(stand_in, logits, top_k, buffers)))
+
+    return forward
+
+
+def gate_rows_tensors(adapter: MoEAdapter, router: nn.Module, router_map: torch.Tensor,
+                      merge: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The router tensors of a gate-rows merging layer (dotted path -> ``[E', ...]``, the router's dtype): the
+    terms of its logits (``adapter.logit_tensors``: the gate rows ``W_RM @ W_gate``, a router bias ``W_RM @ b``,
+    so that ``z' = W_RM z``) mapped by ``W_RM: float[E', E]``, every other per-expert tensor by ``W_EM``. The
+    in-place router and the export read the same tensors, so the exported router is the candidate's."""
+    out = {}
+    for name, axis in adapter.all_router_tensors().items():
+        tensor = lookup(router, name).data
+        mapping = router_map if name in adapter.logit_tensors else merge
+        out[name] = merge_experts(mapping, tensor.movedim(axis, 0)).movedim(0, axis).contiguous()
+    return out
 
 
 def _masked_forward(adapter: MoEAdapter, router: nn.Module, state: Materializer, index: int):
@@ -158,11 +201,15 @@ class Materializer:
     def _apply_merging_layer(self, layer: MoELayer, genome: Genome) -> None:
         router_map, merge = genome.layer(layer.index)
         self._merge(layer, merge)
+        patch = lambda i=layer.index: self.route_patches.get(i)   # noqa: E731
+        if genome.gate_rows:
+            mapped = gate_rows_tensors(self.adapter, layer.router, router_map, merge)
+            self._install(layer, _gate_rows_forward(self.adapter, layer.router, mapped, genome.top_k, patch), None)
+            return
         device = layer.router.weight.device
         route = _Route(genome.top_k, torch.arange(genome.num_kept, device=device), router_map.to(device),
                        genome.used_experts(layer.index).to(device))
-        self._install(layer, _merged_forward(self.adapter, layer.router, route,
-                                             lambda i=layer.index: self.route_patches.get(i)), None)
+        self._install(layer, _merged_forward(self.adapter, layer.router, route, patch), None)
 
     def _install(self, layer: MoELayer, forward, kind: str | None) -> None:
         layer.router.forward = forward

@@ -78,7 +78,8 @@ class _Worker:
 def payload(genome) -> dict:
     """What travels to a worker: the genome's fields (tensors are exact, unlike a JSON round trip of a merging
     genome whose one-hot rows repeat an expert)."""
-    return {"router_map": genome.router_map, "merge": genome.merge, "top_k": genome.top_k, "groups": genome.groups}
+    return {"router_map": genome.router_map, "merge": genome.merge, "top_k": genome.top_k, "groups": genome.groups,
+            "gate_rows": genome.gate_rows}
 
 
 class RayPool:

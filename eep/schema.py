@@ -184,6 +184,7 @@ SEARCH = {
     "search.final_candidates": Int(0),
     "search.init_from": MethodList(),
     "search.fitness": Text(choices=("task", "likelihood", "agreement", "task+likelihood", "task+agreement")),
+    "search.merge_router": Text(choices=("probabilities", "gate_rows")),
     "search.racing.slice": Num(0.0, 1.0, strict=True),
     "search.racing.top": Int(1),
     "search.max_failed_candidates": Int(1),

@@ -78,8 +78,8 @@ def test_a_structure_that_does_not_fit_the_adapter_is_refused_at_load():
 
 @pytest.mark.parametrize("family", SUPPORTED)
 def test_pruning_in_place_equals_the_reloaded_export(family):
-    """8 -> 4 at k and k' = 1 (check_family); the candidate differs from the full model; merging runs or the family
-    refuses it."""
+    """8 -> 4 at k and k' = 1 (check_family); the candidate differs from the full model; merging runs (and its
+    gate-rows form exports exactly, part of status "exact") or the family refuses it."""
     row = check_family(family, methods=False)
     assert row.status == "exact", row.reason or (row.max_diff, row.top_k_diff)
     model = build_tiny(family)
@@ -90,6 +90,7 @@ def test_pruning_in_place_equals_the_reloaded_export(family):
         assert not torch.allclose(logits_of(model, batch), full, atol=1e-4)
     assert torch.equal(logits_of(model, batch), full)
     assert row.merging == ("runs" if mat.adapter.supports_merging else "refused")
+    assert (row.gate_rows_diff is not None) == mat.adapter.supports_merging   # <= 1e-5: part of status "exact"
     assert (row.top_k_diff is None) == (not mat.adapter.supports_top_k_change)
 
 

@@ -81,3 +81,24 @@ def test_one_hot_rows_that_repeat_an_expert_are_a_merging_genome():
     genome = Genome.merging(rows, rows.clone(), 1)
     assert not genome.is_pruning and genome.kept(0) is None
     assert Genome.from_dict(genome.to_dict()).content_hash() == genome.content_hash()
+
+
+def test_gate_rows_is_part_of_a_merging_genome_and_of_nothing_else():
+    """``gate_rows`` names another model for a merging genome (hash, JSON, vector, worker payload carry it); for a
+    pruning genome both rules are the pruned router, so the hash is the one of the probability rule."""
+    import pickle
+
+    from eep.parallel import payload
+
+    torch.manual_seed(3)
+    merged = Genome.merging(torch.rand(2, 3, 8), torch.randn(2, 3, 8), 2)
+    gate = merged.with_gate_rows(True)
+    assert gate != merged and gate.maps_gate_rows and gate.exports_exactly and not merged.exports_exactly
+    assert Genome.from_json(gate.to_json()) == gate and Genome.from_json(gate.to_json()).gate_rows
+    assert "gate_rows" not in merged.to_dict()
+    assert gate.with_vector(gate.to_vector()) == gate and Genome(**payload(gate)) == gate
+    pruned = Genome.pruning([[0, 1, 2], [3, 4, 5]], 8, 2)
+    assert pruned.with_gate_rows(True) == pruned and pruned.with_gate_rows(True).exports_exactly
+    old = pickle.loads(pickle.dumps(merged))   # a genome pickled before the field: no gate_rows in its state
+    del old.__dict__["gate_rows"]
+    assert old.gate_rows is False and old.with_matrices(old.router_map, old.merge) == merged

@@ -93,14 +93,17 @@ def test_top_k_one_equals_a_model_configured_with_one_active_expert(family, toke
     torch.testing.assert_close(logits(model, tokens), logits(one, tokens), atol=1e-5, rtol=0)
 
 
-def _reference_block(adapter, layer, hidden, router_map, merge, gate_up, down, top_k):
-    """Hand-computed merged MoE layer: mask unused, p' = W_RM p, top-k', family renormalisation, merged experts."""
+def _reference_block(adapter, layer, hidden, router_map, merge, gate_up, down, top_k, gate_rows=False):
+    """Hand-computed merged MoE layer: mask unused, p' = W_RM p (``gate_rows``: p' = softmax(W_RM z)), top-k',
+    family renormalisation, merged experts."""
     z = hidden @ layer.router.weight.T
     if adapter.name() == "GraniteMoe":
         z = z.float()
-    used = (router_map != 0).any(0)
-    p = torch.softmax(z.masked_fill(~used, float("-inf")), dim=-1)
-    mapped = p @ router_map.T
+    if gate_rows:
+        mapped = torch.softmax(z @ router_map.T, dim=-1)
+    else:
+        used = (router_map != 0).any(0)
+        mapped = torch.softmax(z.masked_fill(~used, float("-inf")), dim=-1) @ router_map.T
     w, idx = mapped.topk(top_k, dim=-1)
     if adapter.renormalizes():
         w = w / w.sum(-1, keepdim=True)
@@ -115,7 +118,8 @@ def _reference_block(adapter, layer, hidden, router_map, merge, gate_up, down, t
     return out
 
 
-def test_merging_equals_a_hand_computed_merged_layer(family):
+@pytest.mark.parametrize("gate_rows", [False, True])
+def test_merging_equals_a_hand_computed_merged_layer(family, gate_rows):
     model = build_tiny(family)
     mat = Materializer(model)
     if not mat.adapter.supports_merging:
@@ -127,12 +131,13 @@ def test_merging_equals_a_hand_computed_merged_layer(family):
     router_map, merge = torch.rand(n, 4, 8), torch.rand(n, 4, 8) / 4
     router_map[:, :, 7] = 0  # expert 7 unused by every row: masked out of routing
     originals = [(l.experts.gate_up_proj.detach().clone(), l.experts.down_proj.detach().clone()) for l in mat.layers]
-    mat.apply(Genome.merging(router_map, merge, 2))
+    mat.apply(Genome.merging(router_map, merge, 2, gate_rows=gate_rows))
     hidden = torch.randn(5, 32)
     for layer, (gu, dn) in zip(mat.layers, originals):
         with torch.no_grad():
             out = layer.experts(hidden, *reversed(layer.router(hidden)[1:]))
-        ref = _reference_block(mat.adapter, layer, hidden, router_map[layer.index], merge[layer.index], gu, dn, 2)
+        ref = _reference_block(mat.adapter, layer, hidden, router_map[layer.index], merge[layer.index], gu, dn, 2,
+                               gate_rows)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -270,3 +275,22 @@ def test_merging_then_pruning_then_merging_again_each_computes_its_own_candidate
     mat.apply(Genome.pruning(kept, 8, 2))
     torch.testing.assert_close(logits(model, tokens), logits(physically_pruned(model, kept, 2), tokens), atol=1e-5,
                                rtol=0)
+
+
+def test_a_gate_rows_merging_genome_exports_exactly_without_calibration(tokens, tmp_path):
+    """``gate_rows``: the exported gate is ``W_RM @ W_gate`` and the experts ``W_EM @ W``, the same tensors the
+    in-place router and experts use, so the reloaded checkpoint computes the candidate (no refit, no calibration)."""
+    model = build_tiny("mixtral")
+    mat = Materializer(model)
+    gen = torch.Generator().manual_seed(5)
+    n = len(mat.layers)
+    genome = Genome.merging(torch.rand(n, 4, 8, generator=gen), torch.rand(n, 4, 8, generator=gen) / 4, 2,
+                            gate_rows=True)
+    result = export(model, genome, tmp_path / "out", materializer=mat)
+    assert result.exact and result.router_top_k_overlap is None
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with mat.applied(genome):
+        candidate = logits(model, tokens)
+    assert (candidate - logits(model, tokens)).abs().max() > 1e-2
+    torch.testing.assert_close(logits(reloaded, tokens), candidate, atol=1e-5, rtol=0)
+    assert "merging (gate rows)" in (tmp_path / "out" / "README.md").read_text()

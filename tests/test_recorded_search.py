@@ -2,7 +2,8 @@
 
 The recording (``tests/data/recorded_search.json``) was written by ``python tests/test_recorded_search.py --record``
 at the commit it names, before the application layer moved (issue 13); the keys added since
-(``search.init_from=[]``, ``search.fitness=task``, ``search.racing.slice=1.0``, ``search.eep.prune_crossover=0``)
+(``search.init_from=[]``, ``search.fitness=task``, ``search.racing.slice=1.0``, ``search.eep.prune_crossover=0``,
+``search.merge_router=probabilities``)
 pin what the defaults were then. Genome hashes are compared exactly (they are
 integers and subsets: hardware-independent as long as the fitness ranking is); fitness values within 0.02, one
 document in 50 (accuracy on ``evaluator.limit=50`` documents moves in steps of 0.02 if a float rounding flips one).
@@ -23,7 +24,7 @@ OVERRIDES = ["model=skills_mixtral", "task=skills_count_mc", "search.num_experts
              "search.merge_budget=4", "search.eep.population=4", "evaluator.limit=50",
              "evaluator.validation_limit=20", "evaluator.test_limit=20", "search.final_candidates=1", "seed=3",
              "search.init_from=[]", "search.fitness=task", "search.racing.slice=1.0",
-             "search.eep.prune_crossover=0"]  # the defaults when recorded
+             "search.eep.prune_crossover=0", "search.merge_router=probabilities"]  # the defaults when recorded
 
 
 def run_rows(folder: Path) -> list[dict]:

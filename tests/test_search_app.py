@@ -34,6 +34,7 @@ def config(overrides):
     ("search.fitness=exact", "search.fitness=exact: use one of task, likelihood, agreement, task+likelihood, "
                              "task+agreement"),
     ("statistics=/nonexistent/statistics.safetensors", "statistics=/nonexistent/statistics.safetensors: no such file"),
+    ("search.merge_router=weights", "search.merge_router=weights: use one of probabilities, gate_rows"),
 ])
 def test_bad_settings_are_refused_before_the_model_loads(tmp_path, override, message):
     with pytest.raises((UserError, ValueError), match=re.escape(message)):
@@ -72,6 +73,34 @@ def test_a_tiny_search_writes_its_outputs_and_a_finished_run_changes_nothing(tmp
     assert app.run(config([*TINY, f"resume={run_dir}"]), run_dir) is None
     assert "is finished; nothing to do" in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+
+def test_a_gate_rows_search_merges_router_rows_and_exports_its_merging_genomes_exactly(tmp_path, capsys):
+    """``search.merge_router=gate_rows``: the merging phase's genomes carry ``gate_rows`` (pruning ones do not),
+    eep-export writes one without calibration, and the reloaded checkpoint computes what was scored in place."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from eep.app.session import Session
+    from eep.cli.export import find_genome, main as export_main
+
+    run_dir = tmp_path / "run"
+    report = app.run(config([*TINY, "search.merge_router=gate_rows"]), run_dir)
+    assert report["export"]["exact"] and report["test"]["best_in_place"] == report["test"]["best_exported"]
+    rows = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
+    merged = [r for r in rows if r["phase"] == "merge" and "genome" in r]
+    assert merged and all(r["genome"]["gate_rows"] for r in merged)
+    assert all("gate_rows" not in r["genome"] for r in rows if r["phase"] != "merge" and "genome" in r)
+    best = max(merged, key=lambda r: r["fitness"])["genome_hash"]
+    assert export_main([str(run_dir), "--genome", best, "--out", str(tmp_path / "merged")]) == 0
+    assert "(exact)" in capsys.readouterr().out
+    session = Session(config(TINY), search=False)
+    batch = session.tok(["a b c d e f", "9 8 7 6 5 4 3"], return_tensors="pt", padding=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad(), session.mat.applied(find_genome(run_dir, best)):
+        in_place = session.model(**batch).logits
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, in_place, atol=1e-5, rtol=0)
 
 
 def test_cli_user_error_is_one_line_without_traceback(tmp_path):
@@ -315,3 +344,24 @@ def test_a_dense_fitness_scores_the_full_model_and_ranks_candidates(tmp_path, fi
     picked = report["validation_candidates"]  # re-scored on the task's own metric (exact match) to pick
     assert report["validation"]["best_in_place"] == max(c["validation"] for c in picked)
     assert {c["genome_hash"] for c in picked} <= {r["genome_hash"] for r in rows}
+
+
+def test_a_run_started_before_merge_router_resumes_with_the_probability_rule():
+    """``search.merge_router`` is newer than some run folders: a saved config without it, and a pickled state
+    without ``gate_rows``, go on with the rule they were started with (``W_RM`` on the probabilities)."""
+    import pickle
+
+    from omegaconf import open_dict
+
+    from eep.app.runfolder import new_state
+    from eep.genome import Genome
+
+    template = Genome.identity(4, 32, 4)
+    cfg = config(TINY)
+    assert cfg.search.merge_router == "gate_rows" and new_state(cfg, template, 1).gate_rows
+    with open_dict(cfg):
+        del cfg.search["merge_router"]
+    state = new_state(cfg, template, 1)
+    assert state.gate_rows is False
+    del state.__dict__["gate_rows"]   # as pickled before the field existed
+    assert pickle.loads(pickle.dumps(state)).gate_rows is False

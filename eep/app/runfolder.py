@@ -63,7 +63,8 @@ def new_state(cfg: DictConfig, template: Genome, expert_groups: int) -> SearchSt
     return SearchState(plan=plan, template=template, seed=cfg.seed, settings=settings, expert_groups=expert_groups,
                        ask_batch=check_parallel(cfg)[0],
                        extra={"config_hash": config_hash(cfg), "versions": package_versions()},
-                       racing=None if share >= 1.0 else Racing(share, int(racing.get("top", 8))))
+                       racing=None if share >= 1.0 else Racing(share, int(racing.get("top", 8))),
+                       gate_rows=cfg.search.get("merge_router", "probabilities") == "gate_rows")
 
 
 def resumed_config(cfg: DictConfig, saved: DictConfig, overrides: list[str]) -> DictConfig:

@@ -185,7 +185,7 @@ def _export_best(cfg, run_dir: Path, session: Session, best, validator, tester, 
             result = value(make_evaluator(cfg, model, session.tok, "test").evaluate())
         return float("nan") if result is None else result
 
-    calibration = None if best.is_pruning else session.gate_calibration(validator)
+    calibration = None if best.exports_exactly else session.gate_calibration(validator)
     exported = export(session.model, best, run_dir / "model", session.tok, materializer=session.mat,
                       calibration=calibration, rescore=rescore,
                       provenance={"base_model": session.model.config._name_or_path, "method": "eep"})

@@ -97,6 +97,12 @@ class MoEAdapter:
                                      f"{tuple(tensor.shape)}, not {self.num_experts} experts on axis {axis} "
                                      f"(config `{self.num_experts_key}`)")
 
+    @property
+    def logit_tensors(self) -> tuple[str, ...]:
+        """The router tensors that are terms of its logits ``z = W_gate x (+ b)``: what a gate-rows merging genome
+        maps by ``W_RM`` (the gate rows; families with a router bias add it)."""
+        return (self.router_weight,)
+
     def all_router_tensors(self) -> dict[str, int]:
         """Every per-expert router tensor (dotted path -> expert axis): the gate rows, ``router_buffers`` and
         ``router_tensors``."""

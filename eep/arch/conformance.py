@@ -119,6 +119,7 @@ class Conformance:
     max_diff: float | None = None        # pruning 8 -> 4, in place vs reloaded export: max |logit difference|
     top_k_diff: float | None = None      # the same at k' = 1 (None: k' is fixed)
     merging: str = ""
+    gate_rows_diff: float | None = None  # a gate-rows merging genome 8 -> 4, in place vs reloaded export
     methods: dict[str, str] = field(default_factory=dict)
     reason: str = ""
     seconds: float = 0.0
@@ -184,10 +185,10 @@ def check_family(family: str, methods: bool = True, atol: float = 1e-5) -> Confo
         row.max_diff = exported_diff(model, mat, Genome.pruning(kept, adapter.num_experts, top_k), batch)
         if adapter.supports_top_k_change:
             row.top_k_diff = exported_diff(model, mat, Genome.pruning(kept, adapter.num_experts, 1), batch)
-        row.merging = _check_merging(model, mat, batch)
+        row.merging, row.gate_rows_diff = _check_merging(model, mat, batch)
         if methods:
             row.methods = check_methods(model, mat, batch, 4, top_k)
-        worst = max(d for d in (row.max_diff, row.top_k_diff) if d is not None)
+        worst = max(d for d in (row.max_diff, row.top_k_diff, row.gate_rows_diff) if d is not None)
         row.status = "exact" if worst <= atol else "inexact"
     except Exception as e:  # noqa: BLE001  (the table reports it)
         row.reason = f"{type(e).__name__}: {e}"
@@ -195,19 +196,23 @@ def check_family(family: str, methods: bool = True, atol: float = 1e-5) -> Confo
     return row
 
 
-def _check_merging(model, materializer, batch: dict) -> str:
+def _check_merging(model, materializer, batch: dict) -> tuple[str, float | None]:
+    """A random merging genome 8 -> 4: whether it runs (``runs``, ``non-finite logits`` or ``refused``), and the
+    max |logit difference| between its gate-rows form in place and that export reloaded."""
     from eep.genome import Genome
 
     adapter = materializer.adapter
     if not adapter.supports_merging:
-        return "refused"
+        return "refused", None
     gen = torch.Generator().manual_seed(0)
     n = len(adapter.layers)
     genome = Genome.merging(torch.rand(n, 4, adapter.num_experts, generator=gen),
                             torch.rand(n, 4, adapter.num_experts, generator=gen), adapter.top_k)
     with materializer.applied(genome):
         out = logits_of(model, batch)
-    return "runs" if bool(torch.isfinite(out).all()) else "non-finite logits"
+    if not bool(torch.isfinite(out).all()):
+        return "non-finite logits", None
+    return "runs", exported_diff(model, materializer, genome.with_gate_rows(True), batch)
 
 
 def check_all(methods: bool = True, only: list[str] | None = None) -> list[Conformance]:
@@ -233,7 +238,8 @@ def render(rows: list[Conformance]) -> str:
              f"{len(rows) - exact - refused} failing.", "",
              "Pruning 8 -> 4 experts (2 -> 1 active for k') on a tiny random float32 model: max |logit difference| "
              "between the candidate in place and its export reloaded by plain `AutoModelForCausalLM.from_pretrained` "
-             "(exact: <= 1e-5).", "",
+             "(exact: <= 1e-5). Merging: a random merging genome 8 -> 4 runs; its gate-rows form "
+             "(`search.merge_router=gate_rows`) against its reloaded export, the same measure.", "",
              "| family | aliases | adapter | status | pruning | k'=1 | merging | methods | reason |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -241,7 +247,8 @@ def render(rows: list[Conformance]) -> str:
         methods = "" if not r.methods else ("all" if len(ok) == len(r.methods) else f"{len(ok)}/{len(r.methods)}")
         cells = [f"`{r.family}`", ", ".join(f"`{a}`" for a in r.aliases), r.adapter.removesuffix("Adapter"),
                  r.status, _num(r.max_diff), "fixed" if r.status == "exact" and r.top_k_diff is None
-                 else _num(r.top_k_diff), r.merging, methods, r.reason.replace("|", "/").replace("\n", " ")]
+                 else _num(r.top_k_diff), r.merging + (f", gate rows {_num(r.gate_rows_diff)}"
+                                                       if r.gate_rows_diff is not None else ""), methods, r.reason.replace("|", "/").replace("\n", " ")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for r in rows:

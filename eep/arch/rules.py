@@ -44,6 +44,10 @@ class TopKSoftmaxAdapter(MoEAdapter):
     router_bias: bool = False
     weights_in_router_dtype: bool = True
 
+    @property
+    def logit_tensors(self) -> tuple[str, ...]:
+        return (self.router_weight, "bias") if self.router_bias else (self.router_weight,)
+
     def logits(self, router, hidden, weight, kept=None):
         z = F.linear(hidden.reshape(-1, weight.shape[1]), weight)
         if self.router_bias:

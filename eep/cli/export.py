@@ -40,7 +40,7 @@ def export_run(run_dir: Path, genome_hash: str | None, out: Path | None) -> Path
     genome = find_genome(run_dir, genome_hash)
     out = out or run_dir / f"export-{genome.content_hash()}"
     session = Session(OmegaConf.load(run_dir / CONFIG), search=False)
-    calibration = None if genome.is_pruning else session.gate_calibration()
+    calibration = None if genome.exports_exactly else session.gate_calibration()
     result = export(session.model, genome, out, session.tok, materializer=session.mat, calibration=calibration,
                     provenance={"base_model": session.model.config._name_or_path, "method": "eep",
                                 "run": str(run_dir)})

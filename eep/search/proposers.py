@@ -58,7 +58,7 @@ class Codec:
                                                                                t.num_experts)
         rm = mats[:, 0].clamp(min=0)
         revive_empty_rows(rm, t.router_map)
-        return Genome(rm, mats[:, 1], t.top_k, t.groups)
+        return t.with_matrices(rm, mats[:, 1])
 
     def _top(self, scores: np.ndarray) -> list[int]:
         size = len(scores) // self.expert_groups

@@ -49,12 +49,16 @@ class SearchState:
     batch: Batch | None = None
     extra: dict = field(default_factory=dict)   # what the caller needs on resume (config, hashes, versions)
     racing: Racing | None = None                # multi-fidelity scoring (None: every candidate scored fully)
+    gate_rows: bool = False                     # merging genomes map the gate rows (search.merge_router=gate_rows)
 
 
 def start_phase(state: SearchState) -> None:
-    """Create the proposer of the current phase (merging starts around the best genome so far)."""
+    """Create the proposer of the current phase (merging starts around the best genome so far, its ``W_RM`` on the
+    probabilities or, ``state.gate_rows``, on the gate rows)."""
     phase = state.plan[state.phase_index]
     template = state.archive.best()[1] if phase.name == "merge" and state.archive.entries else state.template
+    if phase.name == "merge":
+        template = template.with_gate_rows(state.gate_rows)
     state.proposer = make_proposer(phase.optimizer, phase.name, state.archive, template,
                                    seed=state.seed * 1000 + state.phase_index, settings=state.settings,
                                    budget=phase.budget, expert_groups=state.expert_groups)

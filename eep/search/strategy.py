@@ -85,7 +85,7 @@ def mutate_matrices(genome: Genome, settings: EEPSettings, gen: torch.Generator)
             sums = em[g].sum(dim=1, keepdim=True)
             em[g] = torch.where(sums != 0, em[g] / sums, em[g])
     revive_empty_rows(rm, genome.router_map)
-    return Genome(rm, em, genome.top_k, genome.groups)
+    return genome.with_matrices(rm, em)
 
 
 def revive_empty_rows(rm: torch.Tensor, parent: torch.Tensor) -> None:
@@ -104,8 +104,7 @@ def crossover_groups(a: Sequence[Sequence[int]], b: Sequence[Sequence[int]], rng
 def crossover(a: Genome, b: Genome, settings: EEPSettings, gen: torch.Generator) -> Genome:
     """Row-wise crossover: each (W_RM row, W_EM row) pair from ``a`` with probability ``crossover_row``, else ``b``."""
     take_a = (torch.rand(a.router_map.shape[:2], generator=gen) < settings.crossover_row)[..., None]
-    return Genome(torch.where(take_a, a.router_map, b.router_map), torch.where(take_a, a.merge, b.merge),
-                  a.top_k, a.groups)
+    return a.with_matrices(torch.where(take_a, a.router_map, b.router_map), torch.where(take_a, a.merge, b.merge))
 
 
 def parents(archive: Sequence[tuple[float, Genome]], margin: float, minimum: int = 1) -> list[Genome]:
