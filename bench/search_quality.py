@@ -135,9 +135,11 @@ def search_row(setting: dict, variant: str, seed: int, work: Path) -> dict:
 
 
 def _final_kind(folder: Path) -> str:
-    """The final pick's genome kind (``pruning``, ``merging``, ``merging (gate rows)``) from the run's best.json."""
-    genome = json.loads((folder / "best.json").read_text())["genome"]
-    return genome.get("kind", "pruning") + (" (gate rows)" if genome.get("gate_rows") else "")
+    """The final pick's :attr:`eep.genome.Genome.kind` (``pruning``, ``merging``, ``merging (gate rows)``) from the
+    run's best.json."""
+    from eep.genome import Genome
+
+    return Genome.from_dict(json.loads((folder / "best.json").read_text())["genome"]).kind
 
 
 def table(rows: list[dict]) -> str:

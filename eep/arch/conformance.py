@@ -245,10 +245,10 @@ def render(rows: list[Conformance]) -> str:
     for r in rows:
         ok = [m for m, v in r.methods.items() if v == "ok"]
         methods = "" if not r.methods else ("all" if len(ok) == len(r.methods) else f"{len(ok)}/{len(r.methods)}")
+        merging = r.merging + ("" if r.gate_rows_diff is None else f", gate rows {_num(r.gate_rows_diff)}")
         cells = [f"`{r.family}`", ", ".join(f"`{a}`" for a in r.aliases), r.adapter.removesuffix("Adapter"),
                  r.status, _num(r.max_diff), "fixed" if r.status == "exact" and r.top_k_diff is None
-                 else _num(r.top_k_diff), r.merging + (f", gate rows {_num(r.gate_rows_diff)}"
-                                                       if r.gate_rows_diff is not None else ""), methods, r.reason.replace("|", "/").replace("\n", " ")]
+                 else _num(r.top_k_diff), merging, methods, r.reason.replace("|", "/").replace("\n", " ")]
         lines.append("| " + " | ".join(cells) + " |")
     notes = []
     for r in rows:
