@@ -113,31 +113,32 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch):
     """Dies mid-candidate (as under SIGKILL: the candidate in flight is lost), then ``resume=<folder>``. The search
-    evaluator's calls: the full model (the baseline), the four distinct genomes of the first generation (REAP's,
-    soft activation's, frequency's and enumeration's, one batch), then the strategy's candidates on racing's slice:
-    the sixth call dies in the pruning phase's second batch, after the first generation was committed."""
+    evaluator's calls: the full model (the baseline), the five distinct genomes of the first generation (REAP's,
+    soft activation's, frequency's and both enumerations', one batch), then the strategy's candidates on racing's
+    slice: the seventh call dies in the pruning phase's second batch, after the first generation was committed."""
     from eep.evaluate.evaluator import Evaluator
 
+    tiny = [o if not o.startswith("search.prune_budget=") else "search.prune_budget=8" for o in TINY]
     full = tmp_path / "full"
-    app.run(config(TINY), full)
+    app.run(config(tiny), full)
     real, calls = Evaluator.evaluate, {"n": 0}
 
     def dying(self):
         if self.role == "search":
             calls["n"] += 1
-            if calls["n"] == 6:
+            if calls["n"] == 7:
                 raise KeyboardInterrupt
         return real(self)
 
     killed = tmp_path / "killed"
     monkeypatch.setattr(Evaluator, "evaluate", dying)
     with pytest.raises(KeyboardInterrupt):
-        app.run(config(TINY), killed)
+        app.run(config(tiny), killed)
     monkeypatch.undo()
-    assert len((killed / "evaluations.jsonl").read_text().splitlines()) == 4
+    assert len((killed / "evaluations.jsonl").read_text().splitlines()) == 5
     with pytest.raises(UserError, match="resume_force=true"):
-        app.run(config([*TINY, "seed=5", f"resume={killed}"]), tmp_path / "ignored")
-    app.run(config([*TINY, f"resume={killed}"]), killed)
+        app.run(config([*tiny, "seed=5", f"resume={killed}"]), tmp_path / "ignored")
+    app.run(config([*tiny, f"resume={killed}"]), killed)
 
     def hashes(folder):
         return [json.loads(line)["genome_hash"] for line in (folder / "evaluations.jsonl").read_text().splitlines()]
@@ -252,11 +253,13 @@ def method_genomes(cfg, methods, num_kept=8, top_k=4):
 
 def test_the_first_generation_holds_the_statistics_genomes(tmp_path):
     """The default ``search.init_from``: REAP's, soft activation's and frequency's genomes (one calibration pass)
-    and enumeration's are the first evaluations, in that order, duplicates once (enumeration by greedy elimination:
-    C(32, 8) subsets per layer are too many, its 492 greedy steps are not); the rest of the budget is the strategy's (random subsets, then children). The statistics are saved, and a run
-    given ``statistics=<file>`` starts from the same genomes without calibrating."""
+    and both enumerations' are the first evaluations, in that order, duplicates once (enumeration by greedy
+    elimination: C(32, 8) subsets per layer are too many, its 492 greedy steps are not); the rest of the budget is
+    the strategy's (random subsets, then children). The statistics are saved, and a run given ``statistics=<file>``
+    starts from the same genomes without calibrating."""
     cfg = config(TINY)
-    assert list(cfg.search.init_from) == ["reap", "soft_activation", "frequency", "enumeration"]
+    seeds = ["reap", "soft_activation", "frequency", "enumeration", "enumeration_progressive"]
+    assert list(cfg.search.init_from) == seeds
     report = app.run(cfg, tmp_path / "run")
     rows = [json.loads(line) for line in (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()]
     # the cost: every evaluation's forward tokens (generation: prompts plus generated steps, which vary with the
@@ -266,8 +269,7 @@ def test_the_first_generation_holds_the_statistics_genomes(tmp_path):
     assert report["cost"] == {"forward_tokens": sum(r["forward_tokens"] for r in rows) +
                               report["search_full"]["forward_tokens"], "candidates": 7,
                               "seconds": round(report["search_seconds"], 2)}
-    want = list(dict.fromkeys(g.content_hash() for g in method_genomes(cfg, ["reap", "soft_activation",
-                                                                             "frequency", "enumeration"]).values()))
+    want = list(dict.fromkeys(g.content_hash() for g in method_genomes(cfg, seeds).values()))
     assert [r["genome_hash"] for r in rows[:len(want)]] == want and all(r["phase"] == "prune" for r in rows[:5])
     assert len(rows) == 7 and len({r["genome_hash"] for r in rows}) == 7
     stats = tmp_path / "run" / "statistics.safetensors"

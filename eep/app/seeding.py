@@ -1,13 +1,14 @@
 """A search's first generation: the genomes of the cheap statistics (one calibration pass) and of other methods.
 
-``search.init_from`` (default ``[reap, soft_activation, frequency, enumeration]``) names the methods; the EEP strategy
-fills the rest of its first generation with random subsets. ``frequency``, ``soft_activation`` and ``reap`` come from
-one pass over the search split's first ``evaluator.limit`` documents (``eep.methods.expert_scores``), saved to the run
-folder as ``statistics.safetensors`` and reused without calibrating by ``statistics=<file>`` (any E' or k', here or
-in eep-compare). ``enumeration`` runs only where it scores at most :data:`ENUMERATION_LIMIT` subsets per layer
+``search.init_from`` (default ``[reap, soft_activation, frequency, enumeration, enumeration_progressive]``) names
+the methods; the EEP strategy fills the rest of its first generation with random subsets. ``frequency``,
+``soft_activation`` and ``reap`` come from one pass over the search split's first ``evaluator.limit`` documents
+(``eep.methods.expert_scores``), saved to the run folder as ``statistics.safetensors`` and reused without
+calibrating by ``statistics=<file>`` (any E' or k', here or in eep-compare). ``enumeration`` and
+``enumeration_progressive`` run only where they score at most :data:`ENUMERATION_LIMIT` subsets per layer
 (exhaustively, or by greedy elimination where ``C(E, E')`` is larger: ``eep.methods.enumeration.subsets_scored``;
-logged otherwise). With depth groups (``search.layer_groups`` a number) a statistic keeps the experts of highest score summed
-over the group's layers, and a per-layer genome the experts its layers keep most often.
+logged otherwise). With depth groups (``search.layer_groups`` a number) a statistic keeps the experts of highest
+score summed over the group's layers, and a per-layer genome the experts its layers keep most often.
 """
 from __future__ import annotations
 
