@@ -57,6 +57,8 @@ VARIANTS = {
     "cma_merge": ["optimizer.merge_name=CMA"],
     # the merging phase's router mapping applied to the gate's rows (exports exactly) instead of the probabilities
     "gate_rows": ["search.merge_router=gate_rows"],
+    # no merging phase: the default's pruning phase alone, so default minus this is what merging adds on test
+    "prune_only": ["search.merge_budget=0"],
 }
 
 
