@@ -194,7 +194,7 @@ def test_eep_search_joins_a_ray_cluster_at_ray_address(ray_cluster, serial_searc
     assert joined[0][1].get(resource) == 1 and joined[0][1].get("CPU") == 2
     assert not ray.is_initialized()
     serial_report, serial_rows, serial_best = serial_search
-    assert len(serial_rows) == 6 and rows == serial_rows and best == serial_best
+    assert len(serial_rows) == 9 and rows == serial_rows and best == serial_best
     assert report["workers"] == 2 and report["worker_restarts"] == []
 
 
@@ -258,7 +258,7 @@ def test_a_parallel_run_killed_mid_batch_resumes_to_the_uninterrupted_result(loc
     assert resumed.archive.best()[1] == full.archive.best()[1] and load_checkpoint(path).finished
 
 
-TINY_SEARCH = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "search.prune_budget=4",
+TINY_SEARCH = ["model=skills_olmoe", "task=skills_count", "search.num_experts=8", "search.prune_budget=7",
                "search.merge_budget=2", "search.eep.population=3", "evaluator.limit=20",
                "evaluator.validation_limit=10", "evaluator.test_limit=10", "search.final_candidates=1",
                "evaluator.threads=1"]
@@ -289,7 +289,7 @@ def test_eep_search_with_two_workers_evaluates_the_serial_runs_genomes(local_ray
     order, same fitness and metrics), best genome and fitness; report.json records the workers."""
     serial_report, serial_rows, serial_best = serial_search
     report, rows, best = search(tmp_path, "evaluator.workers=2")
-    assert len(serial_rows) == 6 and rows == serial_rows
+    assert len(serial_rows) == 9 and rows == serial_rows
     assert len({fitness for _, fitness, _ in rows}) > 1  # the rows tell candidates apart: the comparison can fail
     assert best == serial_best
     assert report["workers"] == 2 and serial_report["workers"] == 1
