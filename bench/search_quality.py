@@ -63,7 +63,8 @@ VARIANTS = {
 
 
 def settings_of(names: str) -> list[dict]:
-    """The grid's settings by group name (comma-separated): mixtral, mixtral-e2/e3/e4, olmoe, qwen3, top1."""
+    """The grid's settings by group name (comma-separated): mixtral, mixtral-e2/e3/e4, olmoe, qwen3, qwen3-e16/e32,
+    top1."""
     out = []
     for name in names.split(","):
         if name == "mixtral" or name.startswith("mixtral-e"):
@@ -73,15 +74,16 @@ def settings_of(names: str) -> list[dict]:
         elif name == "olmoe":
             out += [{"model": "skills_olmoe", "task": t, "num_experts": e, "top_k": None}
                     for e in (4, 8) for t in ("skills_sort", "skills_add")]
-        elif name == "qwen3":
+        elif name == "qwen3" or name.startswith("qwen3-e"):
+            counts = (16, 32) if name == "qwen3" else [int(name[len("qwen3-e"):])]
             out += [{"model": "skills_qwen3", "task": t, "num_experts": e, "top_k": None}
-                    for e in (16, 32) for t in ("skills_sort", "skills_add", "skills_all")]
+                    for e in counts for t in ("skills_sort", "skills_add", "skills_all")]
         elif name == "top1":
             out += [{"model": "skills_mixtral", "task": t, "num_experts": 8, "top_k": 1}
                     for t in ("skills_sort", "skills_all")]
         else:
             raise SystemExit(f"--settings: unknown group {name!r}; use mixtral, mixtral-e2, mixtral-e3, mixtral-e4, "
-                             f"olmoe, qwen3, top1")
+                             f"olmoe, qwen3, qwen3-e16, qwen3-e32, top1")
     return out
 
 
