@@ -62,28 +62,30 @@ VARIANTS = {
 }
 
 
+# group name -> (model, the expert counts E' it runs, its tasks); "<group>-e<N>" runs that group at E' = N only
+GROUPS = {
+    "mixtral": ("skills_mixtral", (2, 3, 4), (*(f"skills_{s}" for s in SKILLS), "skills_all")),
+    "olmoe": ("skills_olmoe", (4, 8), ("skills_sort", "skills_add")),
+    "qwen3": ("skills_qwen3", (16, 32), ("skills_sort", "skills_add", "skills_all")),
+}
+
+
 def settings_of(names: str) -> list[dict]:
-    """The grid's settings by group name (comma-separated): mixtral, mixtral-e2/e3/e4, olmoe, qwen3, qwen3-e16/e32,
-    top1."""
+    """The grid's settings by group name (comma-separated): a group of :data:`GROUPS` (``mixtral``, ``olmoe``,
+    ``qwen3``), one of its expert counts (``mixtral-e2``, ``qwen3-e32``, ...), or ``top1`` (k' = 1 of all 8)."""
     out = []
     for name in names.split(","):
-        if name == "mixtral" or name.startswith("mixtral-e"):
-            counts = [2, 3, 4] if name == "mixtral" else [int(name[len("mixtral-e"):])]
-            out += [{"model": "skills_mixtral", "task": t, "num_experts": e, "top_k": None}
-                    for e in counts for t in [*(f"skills_{s}" for s in SKILLS), "skills_all"]]
-        elif name == "olmoe":
-            out += [{"model": "skills_olmoe", "task": t, "num_experts": e, "top_k": None}
-                    for e in (4, 8) for t in ("skills_sort", "skills_add")]
-        elif name == "qwen3" or name.startswith("qwen3-e"):
-            counts = (16, 32) if name == "qwen3" else [int(name[len("qwen3-e"):])]
-            out += [{"model": "skills_qwen3", "task": t, "num_experts": e, "top_k": None}
-                    for e in counts for t in ("skills_sort", "skills_add", "skills_all")]
-        elif name == "top1":
+        group, sep, count = name.partition("-e")
+        if name == "top1":
             out += [{"model": "skills_mixtral", "task": t, "num_experts": 8, "top_k": 1}
                     for t in ("skills_sort", "skills_all")]
+        elif group in GROUPS and (not sep or count.isdigit()):
+            model, counts, tasks = GROUPS[group]
+            out += [{"model": model, "task": t, "num_experts": e, "top_k": None}
+                    for e in ([int(count)] if count else counts) for t in tasks]
         else:
-            raise SystemExit(f"--settings: unknown group {name!r}; use mixtral, mixtral-e2, mixtral-e3, mixtral-e4, "
-                             f"olmoe, qwen3, qwen3-e16, qwen3-e32, top1")
+            named = [f"{g}-e{e}" for g, (_, counts, _) in GROUPS.items() for e in counts]
+            raise SystemExit(f"--settings: unknown group {name!r}; use {', '.join(GROUPS)}, {', '.join(named)}, top1")
     return out
 
 
