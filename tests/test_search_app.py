@@ -32,7 +32,7 @@ def config(overrides):
     ("search.init_from=[reap,skipping]", "skipping is a skipping method whose result is more than a genome"),
     ("search.init_from=[hc_smoe] search.layer_groups=2", "hc_smoe gives a merging genome per layer"),
     ("search.fitness=exact", "search.fitness=exact: use one of task, likelihood, agreement, task+likelihood, "
-                             "task+agreement"),
+                             "task+agreement, match+likelihood, auto"),
     ("statistics=/nonexistent/statistics.safetensors", "statistics=/nonexistent/statistics.safetensors: no such file"),
     ("search.merge_router=weights", "search.merge_router=weights: use one of probabilities, gate_rows"),
 ])
@@ -59,6 +59,8 @@ def test_a_tiny_search_writes_its_outputs_and_a_finished_run_changes_nothing(tmp
         assert (run_dir / name).is_file(), name
     rows = [json.loads(line) for line in (run_dir / "evaluations.jsonl").read_text().splitlines()]
     assert len(rows) == report["evaluations"] == 7 and len({r["genome_hash"] for r in rows}) == 7
+    assert report["fitness"] == "match+likelihood"   # search.fitness=auto on a plain exact-match generation task
+    assert all(set(r["metrics"]["skills_count"]) == {"exact_match_forced", "likelihood"} for r in rows)
     assert report["test"]["best_in_place"] == report["test"]["best_exported"] or not report["export"]["exact"]
     assert 0 <= report["test"]["full"] <= 1 and report["experts"] == {"before": 32, "after": 8}
     gen = report["generation"]
@@ -113,15 +115,16 @@ def test_cli_user_error_is_one_line_without_traceback(tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch):
     """Dies mid-candidate (as under SIGKILL: the candidate in flight is lost), then ``resume=<folder>``. The search
-    evaluator's calls: the full model (the baseline), the five distinct genomes of the first generation (REAP's,
-    soft activation's, frequency's and both enumerations', one batch), then the strategy's candidates on racing's
-    slice: the seventh call dies in the pruning phase's second batch, after the first generation was committed."""
-    from eep.evaluate.evaluator import Evaluator
+    fitness's calls (``match+likelihood``, one teacher-forced pass): the full model (the baseline), the five distinct
+    genomes of the first generation (REAP's, soft activation's, frequency's and both enumerations', one batch), then
+    the strategy's candidates on racing's slice: the seventh call dies in the pruning phase's second batch, after
+    the first generation was committed."""
+    from eep.evaluate.dense import DenseFitness
 
     tiny = [o if not o.startswith("search.prune_budget=") else "search.prune_budget=8" for o in TINY]
     full = tmp_path / "full"
     app.run(config(tiny), full)
-    real, calls = Evaluator.evaluate, {"n": 0}
+    real, calls = DenseFitness.evaluate, {"n": 0}
 
     def dying(self):
         if self.role == "search":
@@ -131,7 +134,7 @@ def test_a_killed_run_resumes_to_the_same_genomes_and_best(tmp_path, monkeypatch
         return real(self)
 
     killed = tmp_path / "killed"
-    monkeypatch.setattr(Evaluator, "evaluate", dying)
+    monkeypatch.setattr(DenseFitness, "evaluate", dying)
     with pytest.raises(KeyboardInterrupt):
         app.run(config(tiny), killed)
     monkeypatch.undo()

@@ -147,6 +147,7 @@ def search_report(cfg, session, state, best, picked: dict, full: dict, exported,
                   speed: dict) -> dict:
     """``report.json``'s content: test and validation scores of the full model (``full``), the candidate in place
     and exported (``exported``: the ExportResult), experts, parameters, speed, search cost and versions."""
+    from eep.app.session import fitness_kind
     from eep.evaluate.measure import parameter_counts
 
     names = list(cfg.task.names)
@@ -169,7 +170,7 @@ def search_report(cfg, session, state, best, picked: dict, full: dict, exported,
         "parameters": {"before": parameter_counts(model, adapter),
                        "after": parameter_counts(model, adapter, best.num_kept)},
         "search_full": state.extra.get("baseline"), "search_seconds": search["search_seconds"],
-        "cost": search.get("cost"), "fitness": cfg.search.get("fitness", "task"),
+        "cost": search.get("cost"), "fitness": fitness_kind(cfg, tester),
         "evaluations": len(state.archive.entries), "generation": speed,
         "savings": savings(model, exported.folder, speed),
         "best_hash": best.content_hash(), "validation_candidates": picked["candidates"],

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 
 from omegaconf import DictConfig, OmegaConf
 
 from eep.evaluate.score import Score
 from eep.search.run import score
+
+log = logging.getLogger(__name__)
 
 GATE_REFIT_DOCS = 256   # calibration documents (validation split) for refitting merged gates on export
 
@@ -47,12 +50,29 @@ def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
                      progress=ev.progress and role == "search")
 
 
-def fitness_scorer(cfg: DictConfig, evaluator):
-    """What scores a candidate on the search split: ``evaluator`` itself (``search.fitness=task``, the task's
-    metric), a :class:`~eep.evaluate.dense.DenseFitness` on its documents (``likelihood``, ``agreement``) or the
-    task's metric with a dense tie-break (``task+likelihood``, ``task+agreement``: :class:`~eep.evaluate.dense.Blend`),
-    built now, on the unpatched model, since agreement reads the full model's side once."""
+def fitness_kind(cfg: DictConfig, evaluator) -> str:
+    """``search.fitness`` as it runs on ``evaluator``'s tasks: ``auto`` is ``match+likelihood`` where every task
+    allows it (:func:`~eep.evaluate.dense.match_refusal`: generation scored by plain exact match, greedy), else
+    ``task+likelihood`` (the same fitness values, at about 2.3x the forward tokens; docs/results.md)."""
     kind = cfg.search.get("fitness", "task")
+    if kind != "auto":
+        return kind
+    from eep.evaluate.dense import MATCH, match_refusal
+
+    reason = match_refusal(evaluator)
+    if reason is not None:
+        log.info("search.fitness=auto: task+likelihood (%s, so not %s)", reason, MATCH)
+    return MATCH if reason is None else "task+likelihood"
+
+
+def fitness_scorer(cfg: DictConfig, evaluator):
+    """What scores a candidate on the search split (``search.fitness``, :func:`fitness_kind`): ``evaluator``
+    itself (``task``, the task's metric), a :class:`~eep.evaluate.dense.DenseFitness` on its documents
+    (``likelihood``, ``agreement``, ``match+likelihood``: exact match and likelihood from one teacher-forced forward)
+    or the task's metric with a dense tie-break (``task+likelihood``, ``task+agreement``:
+    :class:`~eep.evaluate.dense.Blend`), built now, on the unpatched model, since agreement reads the full model's
+    side once."""
+    kind = fitness_kind(cfg, evaluator)
     if kind == "task":
         return evaluator
     from eep.evaluate.dense import Blend, DenseFitness

@@ -12,6 +12,14 @@ scorer is built, on the unpatched model: ``sum_v min(p_v, q_v)`` is then taken o
 ``min(p_rest, q_rest)`` for the rest (exact when ``K`` covers the vocabulary). Both lie in [0, 1] (1: the full model
 itself, for agreement), the units the EEP strategy's margins are set in. Per task the mean over its documents'
 answer positions; tasks weighted as the Evaluator weights them.
+``search.fitness=match+likelihood``: the task's exact match read off the same single teacher-forced forward, plus
+:data:`BLEND_WEIGHT` times the likelihood: a generation document matches when, fed its reference answer after
+the prompt (the prompt's tokens exactly as generation encodes them), the greedy token (argmax) is the reference's at
+every answer position and a stop string's token right after it (no stop needed where the answer fills
+``max_gen_toks``). That is what greedy decoding would produce up to near-ties of the logits and a non-canonical
+tokenisation of the same string (both rare; measured against generation in docs/results.md), at the cost of one
+forward instead of a generation loop plus a forward. For generation tasks scored by plain ``exact_match`` (no
+filters or options), greedy, with single-token stop strings; other tasks are refused with the reason.
 ``search.fitness=task+likelihood`` (or ``task+agreement``): :class:`Blend`, the task's metric plus
 :data:`BLEND_WEIGHT` times the dense fitness, which orders candidates the metric ties (exact match on 100 documents
 moves in steps of 0.01 and plateaus at a seed's value) at the cost of one extra teacher-forced forward.
@@ -26,10 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from eep.errors import UserError
 from eep.evaluate.calibration import reference_answer
+from eep.evaluate.generation import is_greedy, single_token_ids
 from eep.evaluate.score import WORST_FITNESS, Score
 
-KINDS = ("likelihood", "agreement")
+MATCH = "match+likelihood"
+KINDS = ("likelihood", "agreement", MATCH)
 BLEND_WEIGHT = 0.01   # task+<dense>: at most one document's worth of exact match on 100 documents
 
 
@@ -41,6 +52,9 @@ class _Batch:
     cols: torch.Tensor       # long[N]: the position whose logits predict the token
     targets: torch.Tensor    # long[N]: the token predicted (likelihood)
     task: torch.Tensor       # long[N]: index of the position's task
+    stop: torch.Tensor | None = None   # bool[N] (match): the position after an answer, which must predict a stop
+    stops: torch.Tensor | None = None  # bool[N, V'] (match): per position, which of the vocabulary's first V'
+                                       # tokens end the document (its stop strings), all False elsewhere
 
 
 class DenseFitness:
@@ -64,8 +78,11 @@ class DenseFitness:
         self.reference = self._reference(top) if kind == "agreement" else None
 
     # ------------------------------------------------------------------ set-up (once)
-    def _pairs(self) -> list[tuple[int, list[int], list[int]]]:
-        """``(task index, context ids, answer ids)`` per scored sequence."""
+    def _pairs(self) -> list[tuple]:
+        """``(task index, context ids, answer ids)`` per scored sequence; with ``match``, also its stop token
+        ids (a tuple; ``()`` where none is needed, ``None`` where the answer cannot be generated whole)."""
+        if self.kind == MATCH:
+            return self._match_pairs()
         tok, out = self.evaluator.lm.tokenizer, []
         answers = self._full_answers() if self.kind == "agreement" else None
         for inst_i, inst in enumerate(self.requests.get("generate_until", [])):
@@ -84,6 +101,22 @@ class DenseFitness:
                 encoded.append((task, ctx, ans))
         return encoded
 
+    def _match_pairs(self) -> list[tuple]:
+        reason = match_refusal(self.evaluator)
+        if reason is not None:
+            raise UserError(f"search.fitness={MATCH}: {reason}; use task+likelihood (or auto)")
+        gen, lm, out = self.evaluator.generation_scorer(), self.evaluator.lm, []
+        for inst, (prompt, batch) in zip(self.requests["generate_until"], gen.prompts(), strict=True):
+            stop_ids = single_token_ids(lm.tokenizer, batch.until)
+            answer = reference_answer(self.tasks[inst.task_name], inst.doc)
+            ans = lm.tok_encode(inst.args[0] + answer)[len(lm.tok_encode(inst.args[0])):] if answer else []
+            room = batch.max_length - batch.ids.shape[1]
+            stop = tuple(stop_ids) if len(ans) < room else (() if len(ans) == room else None)
+            if ans and any(u in answer for u in batch.until):
+                stop = None   # generation would be cut inside the answer
+            out.append((self.names.index(inst.task_name), prompt, ans, stop))
+        return out
+
     def _full_answers(self) -> list[str]:
         """The full model's greedy answers to the generation requests, as the Evaluator generates them."""
         reqs = self.requests.get("generate_until", [])
@@ -100,18 +133,28 @@ class DenseFitness:
         batches = []
         for start in range(0, len(order), batch_size):
             chunk = [pairs[i] for i in order[start:start + batch_size]]
-            width = max(len(c) + len(a) for _, c, a in chunk)
+            width = max(len(p[1]) + len(p[2]) for p in chunk)
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            rows, cols, targets, tasks = [], [], [], []
-            for r, (task, ctx, ans) in enumerate(chunk):
+            rows, cols, targets, tasks, stop, stops = [], [], [], [], [], []
+            for r, (task, ctx, ans, *ends) in enumerate(chunk):
                 seq = ctx + ans
                 ids[r, :len(seq)] = torch.tensor(seq)
                 mask[r, :len(seq)] = 1
                 for j, token in enumerate(ans):
                     rows.append(r), cols.append(len(ctx) + j - 1), targets.append(token), tasks.append(task)
-            batches.append(_Batch(ids.to(device), mask.to(device), torch.tensor(rows), torch.tensor(cols),
-                                  torch.tensor(targets), torch.tensor(tasks)))
+                    stop.append(False), stops.append(())
+                if ends and ends[0] != ():   # match: the position after the answer must predict a stop token
+                    rows.append(r), cols.append(len(seq) - 1), targets.append(pad), tasks.append(task)
+                    stop.append(True), stops.append(ends[0] if ends[0] is not None else ())
+            batch = _Batch(ids.to(device), mask.to(device), torch.tensor(rows), torch.tensor(cols),
+                           torch.tensor(targets), torch.tensor(tasks))
+            if self.kind == MATCH:
+                width = 1 + max((t for ids_ in stops for t in ids_), default=0)
+                batch.stop, batch.stops = torch.tensor(stop), torch.zeros((len(stop), width), dtype=torch.bool)
+                for n, ids_ in enumerate(stops):
+                    batch.stops[n, list(ids_)] = True
+            batches.append(batch)
         return batches
 
     @torch.no_grad()
@@ -136,17 +179,27 @@ class DenseFitness:
         """The fitness of the model as it is now; never raises for a failing candidate (worst fitness, reason)."""
         start = time.perf_counter()
         try:
-            sums = torch.zeros(len(self.names), dtype=torch.float64)
-            counts = torch.zeros(len(self.names), dtype=torch.float64)
+            sums = torch.zeros((2, len(self.names)), dtype=torch.float64)    # [dense, match] sums per task
+            counts = torch.zeros((2, len(self.names)), dtype=torch.float64)
             for i, b in enumerate(self.batches):
                 probs = self._probs(b)
                 if not torch.isfinite(probs).all():
                     return Score(WORST_FITNESS, {}, "non-finite logits", time.perf_counter() - start)
-                sums.index_add_(0, b.task, self._values(i, b, probs))
-                counts.index_add_(0, b.task, torch.ones(len(b.task), dtype=torch.float64))
+                scored = ~b.stop if b.stop is not None else torch.ones(len(b.task), dtype=torch.bool)
+                sums[0].index_add_(0, b.task[scored], self._values(i, b, probs)[scored])
+                counts[0].index_add_(0, b.task[scored], torch.ones(int(scored.sum()), dtype=torch.float64))
+                if b.stop is not None:
+                    task, matched = _matches(b, probs)
+                    sums[1].index_add_(0, task, matched)
+                    counts[1].index_add_(0, task, torch.ones(len(task), dtype=torch.float64))
             per_task = sums / counts.clamp(min=1)
-            fitness = float((per_task * self.task_weights).sum())
-            metrics = {name: {self.kind: float(v)} for name, v in zip(self.names, per_task)}
+            if self.kind == MATCH:
+                fitness = float(((per_task[1] + BLEND_WEIGHT * per_task[0]) * self.task_weights).sum())
+                metrics = {name: {"exact_match_forced": float(m), "likelihood": float(v)}
+                           for name, v, m in zip(self.names, per_task[0], per_task[1])}
+            else:
+                fitness = float((per_task[0] * self.task_weights).sum())
+                metrics = {name: {self.kind: float(v)} for name, v in zip(self.names, per_task[0])}
             if not math.isfinite(fitness):
                 return Score(WORST_FITNESS, metrics, "non-finite fitness", time.perf_counter() - start)
             return Score(fitness, metrics, None, time.perf_counter() - start, forward_tokens=self.forward_tokens)
@@ -154,12 +207,25 @@ class DenseFitness:
             return Score(WORST_FITNESS, {}, f"{type(err).__name__}: {err}", time.perf_counter() - start)
 
     def _values(self, i: int, b: _Batch, probs: torch.Tensor) -> torch.Tensor:
-        """Per scored position: ``p(target)`` (likelihood) or ``sum_v min(p_v, q_v)`` (agreement)."""
-        if self.kind == "likelihood":
+        """Per scored position: ``p(target)`` (likelihood, match) or ``sum_v min(p_v, q_v)`` (agreement)."""
+        if self.kind != "agreement":
             return probs.gather(1, b.targets[:, None])[:, 0]
         q, idx, rest = self.reference[i]
         p = probs.gather(1, idx)
         return torch.minimum(p, q).sum(-1) + torch.minimum((1.0 - p.sum(-1)).clamp(min=0.0), rest)
+
+
+def _matches(b: _Batch, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(task index long[B], matched float[B])`` of a match batch's documents (one per row): 1 where the argmax is
+    the reference token at every answer position and a stop token at the stop position, else 0."""
+    greedy = probs.argmax(-1)
+    width = b.stops.shape[1]
+    stop_ok = b.stops[torch.arange(len(greedy)), greedy.clamp(max=width - 1)] & (greedy < width)
+    ok = torch.where(b.stop, stop_ok, greedy == b.targets)
+    rows = b.ids.shape[0]
+    wrong = torch.zeros(rows, dtype=torch.long).index_add_(0, b.rows, (~ok).long())
+    task = torch.zeros(rows, dtype=torch.long).index_put_((b.rows,), b.task)
+    return task, (wrong == 0).double()
 
 
 class Blend:
@@ -195,3 +261,28 @@ def _gold_index(task, doc) -> int:
     if isinstance(gold, str):
         gold = task.doc_to_choice(doc).index(gold)
     return int(gold[0] if isinstance(gold, list) else gold)
+
+
+def match_refusal(evaluator) -> str | None:
+    """Why ``match+likelihood`` cannot score ``evaluator``'s tasks (None where it can): each must be a generation
+    task scored by plain ``exact_match`` (no filters or options), decoded greedily, with single-token stop strings,
+    through eep's own generation batches."""
+    lls = evaluator.requests.get("loglikelihood")
+    if lls:
+        return f"{', '.join(sorted({i.task_name for i in lls}))} is scored by loglikelihood, not generation"
+    for name, task in evaluator.tasks.items():
+        metrics = task.config.metric_list or [{"metric": "exact_match"}]
+        options = [{k: v for k, v in m.items() if k not in ("metric", "aggregation", "higher_is_better")}
+                   for m in metrics]
+        if [m["metric"] for m in metrics] != ["exact_match"] or any(options) or task.config.filter_list:
+            return (f"task {name} is not scored by plain exact_match (metrics {[m['metric'] for m in metrics]}, "
+                    f"options {options}, filters {bool(task.config.filter_list)})")
+    gen = evaluator.generation_scorer()
+    if gen is None:
+        return "generation runs through lm-eval's HFLM here (a seq2seq model, think_end_token or batch_size=auto)"
+    for batch in gen.batches:
+        if not is_greedy(batch.kwargs):
+            return f"generation samples ({batch.kwargs})"
+        if single_token_ids(evaluator.lm.tokenizer, batch.until) is None:
+            return f"a stop string of {batch.until} is more than one token"
+    return None

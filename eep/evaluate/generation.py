@@ -21,7 +21,7 @@ def single_token_ids(tokenizer, stops: list[str]) -> list[int] | None:
     return ids
 
 
-def _is_greedy(kwargs: dict) -> bool:
+def is_greedy(kwargs: dict) -> bool:
     """Whether ``HFLM._model_generate`` decodes greedily with these (normalised) generation kwargs."""
     do_sample = kwargs.get("do_sample")
     return do_sample is False or (do_sample is None and kwargs.get("temperature", 0.0) == 0.0)
@@ -57,7 +57,7 @@ def _prepare(lm, chunk: list[tuple[str, dict]], eos: str) -> _GenBatch:
     max_length = kwargs.pop("max_length", ids.shape[1] + max_gen_toks)
     tok = lm.tokenizer
     pad_is_special = tok.pad_token_id is not None and tok.pad_token_id in tok.all_special_ids
-    fast = pad_is_special and _is_greedy(kwargs) and lm.mixed_precision_dtype is None
+    fast = pad_is_special and is_greedy(kwargs) and lm.mixed_precision_dtype is None
     stop_ids = single_token_ids(tok, until) if fast else None
     return _GenBatch(ids.to(lm.device), mask.to(lm.device), until, max_length, kwargs, stop_ids)
 
@@ -105,6 +105,12 @@ class GenerationScorer:
         return self.lm.model.generate(input_ids=batch.ids, attention_mask=batch.mask, max_length=batch.max_length,
                                       eos_token_id=batch.stop_ids, pad_token_id=self.lm.tokenizer.pad_token_id,
                                       use_cache=True, **kwargs)
+
+    def prompts(self) -> list[tuple[list[int], _GenBatch]]:
+        """Per instance, in the instances' order: its prompt's token ids exactly as generation encodes them (the
+        padding removed) and its batch (stop strings, ``max_length``, generation kwargs)."""
+        rows = [(b.ids[r][b.mask[r].bool()].tolist(), b) for b in self.batches for r in range(b.ids.shape[0])]
+        return [rows[i] for i in self.order]
 
     def run(self, progress: bool = False) -> list[str]:
         """The generated text per instance, in the instances' order."""
