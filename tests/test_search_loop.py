@@ -286,21 +286,24 @@ def test_racing_scores_the_rest_only_for_candidates_that_may_enter_the_top():
     """``Racing(slice, top=3)``: every candidate is scored on the slice (here the fitness minus 0.1, a pessimistic
     estimate); while fewer than 3 are fully scored everyone is promoted, later only those whose slice score reaches
     the 3rd best full fitness. A cut candidate is in the archive as partial, told its slice score capped at the worst
-    full fitness, and never the best, a parent of the EEP strategy, or among ``scored()``."""
+    full fitness, and never the best, a parent of the EEP strategy, or among ``scored()``. Cost: a cut candidate's
+    is its slice's (25 tokens, 1 s), a fully scored one's both passes (25 + 100 tokens, 5 s)."""
     from eep.evaluate.score import Score
     from eep.search.loop import Racing, SerialPool
 
-    stages = []
+    stages, costs = [], {}
 
     def evaluate(genome, stage=None):
         stages.append(stage)
         f = subset_fitness(genome)
-        return Score(f - 0.1, fidelity=0.25) if stage == "slice" else Score(f)
+        return (Score(f - 0.1, seconds=1.0, forward_tokens=25, fidelity=0.25) if stage == "slice" else
+                Score(f, seconds=4.0, forward_tokens=100))
 
     archive = Archive()
     template = Genome.pruning([[0, 1, 2, 3]] * 3, 8, 2)
     proposer = make_proposer("eep", "prune", archive, template, seed=0, settings=EEPSettings(population=6))
-    run_phase(proposer, archive, SerialPool(evaluate), "prune", 40, racing=Racing(0.25, 3))
+    run_phase(proposer, archive, SerialPool(evaluate), "prune", 40, racing=Racing(0.25, 3),
+              on_evaluated=lambda g, r: costs.__setitem__(g.content_hash(), (r.forward_tokens, r.seconds)))
     partial = archive.partial
     assert len(archive.entries) == 40 and 0 < len(partial) < 40
     assert stages.count("slice") == 40 and stages.count(None) == 40 - len(partial)
@@ -311,6 +314,8 @@ def test_racing_scores_the_rest_only_for_candidates_that_may_enter_the_top():
         fitness, genome, _ = archive.entries[key]
         assert fitness <= worst and fitness <= subset_fitness(genome) - 0.1 + 1e-9
     assert not partial & set(proposer.optimizer.population)
+    assert {k: c for k, c in costs.items() if k in partial} == dict.fromkeys(partial, (25, 1.0))
+    assert {k: c for k, c in costs.items() if k not in partial} == dict.fromkeys(full, (125, 5.0))
 
 
 def test_a_pruning_phase_larger_than_its_space_ends_when_the_space_is_exhausted():

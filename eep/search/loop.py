@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from eep.genome import Genome
 from eep.search.archive import Archive
@@ -166,6 +166,15 @@ def _evaluate(batch: Batch, pool, save: Callable[[], None]) -> None:
         pool.run(todo, done)
 
 
+def with_slice_cost(result, first):
+    """``result`` (a full evaluation) with the forward tokens and seconds of racing's ``first`` stage added, the
+    slice the candidate was scored on before it was let through (bare numbers, as in tests, have no cost)."""
+    if not (hasattr(result, "forward_tokens") and hasattr(first, "forward_tokens")):
+        return result
+    return replace(result, forward_tokens=result.forward_tokens + first.forward_tokens,
+                               seconds=round(result.seconds + first.seconds, 4))
+
+
 def _tell(proposer, archive: Archive, genome: Genome) -> None:
     """Tell ``genome``'s recorded fitness; a genome cut by racing is told so (``full=False``)."""
     if archive.is_full(genome):
@@ -199,12 +208,14 @@ def _commit(batch: Batch, proposer, archive: Archive, phase: str, on_evaluated) 
     """Add the batch's new genomes to the archive and tell every ask its fitness, in ask order; empty the batch.
     A genome cut by racing is told its slice fitness capped at the worst fully scored one (never above a fully
     scored genome) and kept out of the EEP strategy's parents."""
-    added, cut = 0, batch.cut or set()
+    added, cut, sliced = 0, batch.cut or set(), batch.partial or {}
     floor = min((f for f, _ in archive.scored()), default=None)
     for genome in batch.asks:
         key = genome.content_hash()
         result = batch.results[key]
         full = key not in cut
+        if full and key in sliced:   # racing scored it on the slice, then fully: both passes are its cost
+            result = with_slice_cost(result, sliced[key])
         fitness = fitness_of(result) if full or floor is None else min(fitness_of(result), floor)
         if genome not in archive:
             archive.add(genome, fitness, phase, full=full)
