@@ -53,7 +53,8 @@ def make_evaluator(cfg: DictConfig, model, tokenizer, role: str):
 def fitness_kind(cfg: DictConfig, evaluator) -> str:
     """``search.fitness`` as it runs on ``evaluator``'s tasks: ``auto`` is ``match+likelihood`` where every task
     allows it (:func:`~eep.evaluate.dense.match_refusal`: generation scored by plain exact match, greedy), else
-    ``task+likelihood`` (the same fitness values, at about 2.3x the forward tokens; docs/results.md)."""
+    ``task+likelihood`` (the same fitness values at about 2.3x the forward tokens and 3.4x the seconds on the
+    shipped models; docs/results.md)."""
     kind = cfg.search.get("fitness", "task")
     if kind != "auto":
         return kind

@@ -17,9 +17,10 @@ answer positions; tasks weighted as the Evaluator weights them.
 the prompt (the prompt's tokens exactly as generation encodes them), the greedy token (argmax) is the reference's at
 every answer position and a stop string's token right after it (no stop needed where the answer fills
 ``max_gen_toks``). That is what greedy decoding would produce up to near-ties of the logits and a non-canonical
-tokenisation of the same string (both rare; measured against generation in docs/results.md), at the cost of one
-forward instead of a generation loop plus a forward. For generation tasks scored by plain ``exact_match`` (no
-filters or options), greedy, with single-token stop strings; other tasks are refused with the reason.
+tokenisation of the same string (both rare: no document differed in ``bench/match_fitness.py``, docs/results.md),
+at the cost of one forward instead of a generation loop plus a forward. For generation tasks scored by plain
+``exact_match`` (no filters or options), greedy, with single-token stop strings; other tasks are refused with the
+reason (:func:`match_refusal`).
 ``search.fitness=task+likelihood`` (or ``task+agreement``): :class:`Blend`, the task's metric plus
 :data:`BLEND_WEIGHT` times the dense fitness, which orders candidates the metric ties (exact match on 100 documents
 moves in steps of 0.01 and plateaus at a seed's value) at the cost of one extra teacher-forced forward.
