@@ -142,6 +142,23 @@ def test_statistics_of_a_search_run_give_the_same_rows_without_calibrating(tmp_p
     assert "frequency" not in computed
 
 
+def test_the_search_rows_reuse_the_comparisons_model(tmp_path, monkeypatch):
+    """An eep row's search runs on the model eep-compare loaded (one load in all, not one per search: a second copy
+    of a large model may not fit), restored to the original weights before and after; the full row is still the
+    full model's and the search's own report says what it scored (auto fitness falls back to task+likelihood on
+    this multiple-choice task)."""
+    import eep.models
+
+    real, loads = eep.models.load_model, []
+    monkeypatch.setattr(eep.models, "load_model", lambda *a, **k: loads.append(1) or real(*a, **k))
+    rows = compare.run(config([*SMALL, "compare.methods=[eep,frequency]", "compare.num_experts=[4]"]),
+                       tmp_path / "c")
+    assert len(loads) == 1 and [r.method for r in rows] == ["full", "eep", "frequency"]
+    report = json.loads((tmp_path / "c" / "eep_E4" / "report.json").read_text())
+    assert report["fitness"] == "task+likelihood" and report["test"]["full"] == rows[0].test_score
+    assert rows[1].test_score == report["test"]["best_in_place"]
+
+
 def test_frequency_keeping_every_expert_is_the_full_model(tmp_path):
     rows = compare.run(config([*SMALL, "compare.methods=[frequency]", "compare.num_experts=[8]"]), tmp_path / "c")
     assert [(r.method, r.num_experts, r.top_k) for r in rows] == [("full", 8, 2), ("frequency", 8, 2)]

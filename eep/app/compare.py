@@ -185,7 +185,7 @@ class Comparison:
     def load(self) -> None:
         if self.loaded:
             return
-        session = Session(self.cfg, search=False)
+        session = self.session = Session(self.cfg, search=False)
         self.model, self.tok, self.mat = session.model, session.tok, session.mat
         self.tester = session.evaluator("test")
         self.calibration = _calibration(self.cfg, self.model, self.tok)
@@ -287,7 +287,9 @@ class Comparison:
             sub.resume, sub.resume_force = str(folder), bool(self.cfg.resume_force)
             log.info("resuming the search run %s", folder)
         start = time.perf_counter()
-        report = search_app.run(sub, folder)
+        self.load()   # the search reuses this process's model instead of loading it a second time
+        report = search_app.run(sub, folder, loaded=self.session)
+        self.mat.restore()
         if report is None:  # finished before
             report = json.loads((folder / "report.json").read_text())
         if not report:  # stopped at its time limit, resumable

@@ -35,10 +35,12 @@ def validate(cfg: DictConfig):
     return shape.adapter, shape.num_experts, shape.top_k, shape.groups
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict | None:
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None,
+        loaded: Session | None = None) -> dict | None:
     """Run or resume the search of ``cfg`` in ``run_dir``; returns the report (None if the run was finished, {}
     if it stopped at its time limit). On resume with ``overrides`` (a command line's), the run's saved config with
-    them applied is what goes on (:func:`eep.app.runfolder.resumed_config`); without, ``cfg`` as given."""
+    them applied is what goes on (:func:`eep.app.runfolder.resumed_config`); without, ``cfg`` as given.
+    ``loaded``: a session whose model this process reuses instead of loading it again (``eep-compare``)."""
     if cfg.resume and overrides is not None:
         saved = OmegaConf.load(runfolder.search_folder(cfg.resume) / runfolder.CONFIG)
         cfg = runfolder.resumed_config(cfg, saved, overrides)
@@ -52,10 +54,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         OmegaConf.save(cfg, run_dir / runfolder.CONFIG)
     full = Genome.pruning([list(range(adapter.num_experts))] * len(groups), adapter.num_experts, adapter.top_k, groups)
     template = Genome.pruning([list(range(kept))] * len(groups), adapter.num_experts, k, groups)
-    return _run(cfg, run_dir, state or runfolder.new_state(cfg, template, adapter.expert_groups), full)
+    return _run(cfg, run_dir, state or runfolder.new_state(cfg, template, adapter.expert_groups), full, loaded)
 
 
-def _run(cfg: DictConfig, run_dir: Path, state, full) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, state, full, loaded: Session | None = None) -> dict:
     """Score the full model (``full``: the genome keeping every expert) on the search split, search on the pool (a
     serial run loads its model first; a parallel one after the search, for the final pick), then finish. The run's
     own ``state.ask_batch`` stands on resume."""
@@ -63,7 +65,7 @@ def _run(cfg: DictConfig, run_dir: Path, state, full) -> dict:
         torch.set_num_threads(cfg.evaluator.threads)
     if state.ask_batch != settings.check_parallel(cfg)[0]:
         log.warning("the run asks %d candidates at a time (fixed when it started)", state.ask_batch)
-    session = Session(cfg) if cfg.evaluator.workers == 1 else None
+    session = Session(cfg, loaded=loaded) if cfg.evaluator.workers == 1 else None
     rows = search_run.RowLog(run_dir / search_run.ROWS)
     start = time.time()
     with pool(cfg, session) as workers:
@@ -73,7 +75,7 @@ def _run(cfg: DictConfig, run_dir: Path, state, full) -> dict:
                 rows.append(search_run.row(genome, result, phase))
                 bar(genome, result, phase)
 
-            session = _init_from(cfg, state, workers, session, run_dir, record)
+            session = _init_from(cfg, state, workers, session, run_dir, record, loaded)
             state = search_run.search(state, workers, run_dir, cfg.search.time_limit, on_evaluated=record,
                                       max_failed=cfg.search.get("max_failed_candidates", 5))
         restarts = list(getattr(workers, "events", []))
@@ -82,7 +84,7 @@ def _run(cfg: DictConfig, run_dir: Path, state, full) -> dict:
         print(f"time limit reached after {len(state.archive.entries)} evaluations; resume with resume={run_dir}")
         return {}
     search_run.write_best(run_dir, *state.archive.best())
-    return _finish(cfg, run_dir, session or Session(cfg, search=False), state, rows, search)
+    return _finish(cfg, run_dir, session or Session(cfg, search=False, loaded=loaded), state, rows, search)
 
 
 def _baseline(cfg: DictConfig, state, workers, session: Session | None, run_dir: Path, full) -> None:
@@ -114,7 +116,8 @@ def _baseline(cfg: DictConfig, state, workers, session: Session | None, run_dir:
     log.info("full model on the search split: fitness %.4f", result.fitness)
 
 
-def _init_from(cfg: DictConfig, state, workers, session: Session | None, run_dir: Path, record) -> Session | None:
+def _init_from(cfg: DictConfig, state, workers, session: Session | None, run_dir: Path, record,
+               loaded: Session | None = None) -> Session | None:
     """``search.init_from``: the methods' genomes (:mod:`eep.app.seeding`) are the run's first evaluations, one
     batch on the pool, committed together in the methods' order (pruning genomes in the pruning phase, counting
     toward its budget; merging ones in the merging phase), so the search's first generation holds them. Once per
@@ -124,7 +127,7 @@ def _init_from(cfg: DictConfig, state, workers, session: Session | None, run_dir
 
     if not settings.init_methods(cfg) or state.archive.entries or state.phase_index > 0:
         return session
-    session = session or Session(cfg, search=False)
+    session = session or Session(cfg, search=False, loaded=loaded)
     seeds = seed_genomes(cfg, session, state.template, run_dir)
     results = {}
 

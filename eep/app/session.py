@@ -87,13 +87,20 @@ class Session:
     what a serial search holds, what every Ray worker builds from the same config (:func:`replica_scorer`), and
     what ``eep-compare`` and ``eep-export`` score and export with."""
 
-    def __init__(self, cfg: DictConfig, search: bool = True):
+    def __init__(self, cfg: DictConfig, search: bool = True, loaded: Session | None = None):
+        """``loaded``: a session of the same model config whose model, tokenizer and materialiser are reused
+        (restored to the original weights first) instead of loading the model a second time (``eep-compare``'s
+        search rows); another model config loads its own."""
         from eep.materialize import Materializer
         from eep.models import load_model
 
         self.cfg = cfg
-        self.model, self.tok = load_model(model_config(cfg))
-        self.mat = Materializer(self.model)
+        if loaded is not None and model_config(loaded.cfg) == model_config(cfg):
+            loaded.mat.restore()
+            self.model, self.tok, self.mat = loaded.model, loaded.tok, loaded.mat
+        else:
+            self.model, self.tok = load_model(model_config(cfg))
+            self.mat = Materializer(self.model)
         self.search_tasks = self.evaluator("search") if search else None   # the task's metric on the search split
         self.searcher = fitness_scorer(cfg, self.search_tasks) if search else None
         self.slicer = None   # racing's first stage: the same fitness on the first documents of the search split
