@@ -251,3 +251,16 @@ def test_exact_match_scores_equal_lm_eval_pair_by_pair(kwargs):
     got = exact_match_scores(preds, refs, **kwargs)
     assert got.tolist() == [float(e) for e in expected]
     assert 0 < got.sum() < len(got)
+
+
+def test_match_fitness_refuses_exact_match_with_options_or_filters(pruned, task_folder):
+    """``search.fitness=match+likelihood`` reads plain exact match off a teacher-forced pass: a generation task
+    whose exact match ignores case and punctuation behind regex filters is named with the reason (``auto`` then
+    runs task+likelihood)."""
+    from eep.evaluate.dense import match_refusal
+
+    model, tok = pruned
+    ev = Evaluator(model, tok, ["eep_t_gen"], role="test", limit=8, batch_size=8, include_paths=(str(task_folder),))
+    reason = match_refusal(ev)
+    assert reason.startswith("task eep_t_gen is not scored by plain exact_match (metrics ['exact_match'], options")
+    assert "'ignore_case': True" in reason and reason.endswith("filters True)")

@@ -266,8 +266,8 @@ def _gold_index(task, doc) -> int:
 
 def match_refusal(evaluator) -> str | None:
     """Why ``match+likelihood`` cannot score ``evaluator``'s tasks (None where it can): each must be a generation
-    task scored by plain ``exact_match`` (no filters or options), decoded greedily, with single-token stop strings,
-    through eep's own generation batches."""
+    task scored by plain ``exact_match`` (no filters or options) against one reference answer per document, decoded
+    greedily, with single-token stop strings, through eep's own generation batches."""
     lls = evaluator.requests.get("loglikelihood")
     if lls:
         return f"{', '.join(sorted({i.task_name for i in lls}))} is scored by loglikelihood, not generation"
@@ -278,6 +278,10 @@ def match_refusal(evaluator) -> str | None:
         if [m["metric"] for m in metrics] != ["exact_match"] or any(options) or task.config.filter_list:
             return (f"task {name} is not scored by plain exact_match (metrics {[m['metric'] for m in metrics]}, "
                     f"options {options}, filters {bool(task.config.filter_list)})")
+    for inst in evaluator.requests.get("generate_until", []):
+        target = evaluator.tasks[inst.task_name].doc_to_target(inst.doc)
+        if isinstance(target, list) and len(target) > 1:
+            return f"task {inst.task_name} has documents with several reference answers (exact match takes any)"
     gen = evaluator.generation_scorer()
     if gen is None:
         return "generation runs through lm-eval's HFLM here (a seq2seq model, think_end_token or batch_size=auto)"
