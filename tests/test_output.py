@@ -13,22 +13,26 @@ import sys
 
 import pytest
 
-# One search candidate's evaluation raises (the third call of the search-split evaluator), then the CLI runs.
+# One search candidate's evaluation raises (inside the third call of the search-split fitness: match+likelihood's
+# teacher-forced pass, the main job's fitness), then the CLI runs.
 SCRIPT = r"""
 import sys
 from eep.cli import search
-from eep.evaluate.evaluator import Evaluator
+from eep.evaluate.dense import DenseFitness
 
-real, calls = Evaluator._run, {"n": 0}
+real_evaluate, real_probs, calls = DenseFitness.evaluate, DenseFitness._probs, {"n": 0, "fail": False}
 
-def flaky(self):
-    if self.role == "search":
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected failure for the output test")
-    return real(self)
+def evaluate(self):
+    calls["n"] += self.role == "search"
+    calls["fail"] = self.role == "search" and calls["n"] == 3
+    return real_evaluate(self)
 
-Evaluator._run = flaky
+def probs(self, batch):
+    if calls["fail"]:
+        raise RuntimeError("injected failure for the output test")
+    return real_probs(self, batch)
+
+DenseFitness.evaluate, DenseFitness._probs = evaluate, probs
 sys.argv = ["eep-search", *sys.argv[1:]]
 search.main()
 """

@@ -28,6 +28,7 @@ docs/methods.md section 7.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from eep.evaluate.score import WORST_FITNESS, Score
 
 MATCH = "match+likelihood"
 KINDS = ("likelihood", "agreement", MATCH)
+log = logging.getLogger(__name__)
 BLEND_WEIGHT = 0.01   # task+<dense>: at most one document's worth of exact match on 100 documents
 
 
@@ -205,6 +207,7 @@ class DenseFitness:
                 return Score(WORST_FITNESS, metrics, "non-finite fitness", time.perf_counter() - start)
             return Score(fitness, metrics, None, time.perf_counter() - start, forward_tokens=self.forward_tokens)
         except Exception as err:  # containment: one bad candidate must not end a search
+            log.warning("candidate evaluation failed: %r", err)
             return Score(WORST_FITNESS, {}, f"{type(err).__name__}: {err}", time.perf_counter() - start)
 
     def _values(self, i: int, b: _Batch, probs: torch.Tensor) -> torch.Tensor:
