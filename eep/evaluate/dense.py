@@ -56,8 +56,8 @@ class _Batch:
     targets: torch.Tensor    # long[N]: the token predicted (likelihood)
     task: torch.Tensor       # long[N]: index of the position's task
     stop: torch.Tensor | None = None   # bool[N] (match): the position after an answer, which must predict a stop
-    stops: torch.Tensor | None = None  # bool[N, V'] (match): per position, which of the vocabulary's first V'
-                                       # tokens end the document (its stop strings), all False elsewhere
+    stops: torch.Tensor | None = None  # long[N, K] (match): per position, the token ids of its stop strings,
+                                       # padded with -1 (all -1 where no stop is accepted or none is asked)
 
 
 class DenseFitness:
@@ -153,10 +153,10 @@ class DenseFitness:
             batch = _Batch(ids.to(device), mask.to(device), torch.tensor(rows), torch.tensor(cols),
                            torch.tensor(targets), torch.tensor(tasks))
             if self.kind == MATCH:
-                width = 1 + max((t for ids_ in stops for t in ids_), default=0)
-                batch.stop, batch.stops = torch.tensor(stop), torch.zeros((len(stop), width), dtype=torch.bool)
-                for n, ids_ in enumerate(stops):
-                    batch.stops[n, list(ids_)] = True
+                width = max(map(len, stops), default=0) or 1
+                batch.stop = torch.tensor(stop)
+                batch.stops = torch.tensor([list(ids_) + [-1] * (width - len(ids_)) for ids_ in stops],
+                                           dtype=torch.long).reshape(len(stops), width)
             batches.append(batch)
         return batches
 
@@ -223,8 +223,7 @@ def _matches(b: _Batch, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     """``(task index long[B], matched float[B])`` of a match batch's documents (one per row): 1 where the argmax is
     the reference token at every answer position and a stop token at the stop position, else 0."""
     greedy = probs.argmax(-1)
-    width = b.stops.shape[1]
-    stop_ok = b.stops[torch.arange(len(greedy)), greedy.clamp(max=width - 1)] & (greedy < width)
+    stop_ok = (b.stops == greedy[:, None]).any(-1)
     ok = torch.where(b.stop, stop_ok, greedy == b.targets)
     rows = b.ids.shape[0]
     wrong = torch.zeros(rows, dtype=torch.long).index_add_(0, b.rows, (~ok).long())
