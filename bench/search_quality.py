@@ -43,7 +43,6 @@ VARIANTS = {
                       "search.eep.seeded_random=null"],
     # the paper's start with exact match read off one teacher-forced forward (+ likelihood tie-break), racing on
     "random_match": ["search.init_from=[]", "search.fitness=match+likelihood"],
-    "random_match_s8": ["search.init_from=[]", "search.fitness=match+likelihood", "search.racing.slice=0.125"],
     "random_match_t4": ["search.init_from=[]", "search.fitness=match+likelihood", "search.racing.top=4"],
     "random_match_s8_t4": ["search.init_from=[]", "search.fitness=match+likelihood", "search.racing.slice=0.125",
                            "search.racing.top=4"],
@@ -53,7 +52,6 @@ VARIANTS = {
                             "search.racing.top=4"],
     "random_portfolio_s8": ["search.init_from=[]", "optimizer.prune_name=PortfolioDiscreteOnePlusOne",
                             "search.racing.slice=0.125"],
-    "match": ["search.fitness=match+likelihood"],
     "seeded_task": ["search.fitness=task"],
     # the seeded start with the paper's strategy (no pruning crossover, a random opening of eep.population subsets)
     "seeded_paper_strategy": ["search.eep.prune_crossover=0", "search.eep.seeded_random=null"],
@@ -67,7 +65,6 @@ VARIANTS = {
     # nevergrad's optimisers as the population manager, same budget, same seeded first generation
     "ng_lengler": ["optimizer.prune_name=DiscreteLenglerOnePlusOne"],
     "ng_portfolio": ["optimizer.prune_name=PortfolioDiscreteOnePlusOne"],
-    "ng_portfolio_t4": ["optimizer.prune_name=PortfolioDiscreteOnePlusOne", "search.racing.top=4"],
     "ngopt": ["optimizer.prune_name=NGOpt", "optimizer.merge_name=NGOpt"],
     "cma_merge": ["optimizer.merge_name=CMA"],
     # the merging phase's router mapping applied to the gate's rows (exports exactly) instead of the probabilities

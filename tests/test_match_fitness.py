@@ -22,8 +22,9 @@ SKILLS = ["skills_add", "skills_reverse", "skills_sort", "skills_copy", "skills_
 def test_forced_exact_match_is_generations_and_the_fitness_is_task_plus_likelihoods(zoo, experts):
     """Per task, the forced exact match equals generation's on the full model and on random pruned candidates
     (up to one document of 40 per task: a near-tie of two logits can make greedy decoding with its KV cache and the
-    single forward's argmax differ; on this machine they agreed on every document of 36 candidates x 100, docs/results.md);
-    the likelihood is the likelihood fitness's; one forward's tokens, under half of generation plus that forward."""
+    single forward's argmax differ; bench/match_fitness.py found no such document in 3 models x 21 candidates x 600
+    documents, docs/results.md); the likelihood is the likelihood fitness's; one forward's tokens, under half of
+    generation plus that forward."""
     folder = eep.zoo.path(zoo)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ev = Evaluator(model, AutoTokenizer.from_pretrained(folder), SKILLS, role="search", limit=40, batch_size=32)

@@ -166,13 +166,13 @@ def _evaluate(batch: Batch, pool, save: Callable[[], None]) -> None:
         pool.run(todo, done)
 
 
-def with_slice_cost(result, first):
+def _with_slice_cost(result, first):
     """``result`` (a full evaluation) with the forward tokens and seconds of racing's ``first`` stage added, the
     slice the candidate was scored on before it was let through (bare numbers, as in tests, have no cost)."""
     if not (hasattr(result, "forward_tokens") and hasattr(first, "forward_tokens")):
         return result
     return replace(result, forward_tokens=result.forward_tokens + first.forward_tokens,
-                               seconds=round(result.seconds + first.seconds, 4))
+                   seconds=round(result.seconds + first.seconds, 4))
 
 
 def _tell(proposer, archive: Archive, genome: Genome) -> None:
@@ -215,7 +215,7 @@ def _commit(batch: Batch, proposer, archive: Archive, phase: str, on_evaluated) 
         result = batch.results[key]
         full = key not in cut
         if full and key in sliced:   # racing scored it on the slice, then fully: both passes are its cost
-            result = with_slice_cost(result, sliced[key])
+            result = _with_slice_cost(result, sliced[key])
         fitness = fitness_of(result) if full or floor is None else min(fitness_of(result), floor)
         if genome not in archive:
             archive.add(genome, fitness, phase, full=full)
